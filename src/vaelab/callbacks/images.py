@@ -1,0 +1,69 @@
+"""Image logging to TensorBoard: inputs vs reconstructions, and samples from the prior.
+
+Rank zero only. The same validation images and the same prior codes are used every epoch, so the
+grids of successive epochs show the model improving rather than new draws.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torchvision
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
+
+from vaelab.errors import require
+
+
+class ImageLogger(L.Callback):
+    """Every `every_n_epochs` validation epochs, log `images/reconstructions` (input rows above
+    reconstruction rows) and `images/samples` (means of p(x|z), z ~ p(z))."""
+
+    def __init__(self, n_images: int = 16, n_samples: int = 64, every_n_epochs: int = 1) -> None:
+        require(n_images >= 1, f"callbacks image n_images must be >= 1, got {n_images}")
+        require(n_samples >= 1, f"callbacks image n_samples must be >= 1, got {n_samples}")
+        require(every_n_epochs >= 1, f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.n_images = n_images
+        self.n_samples = n_samples
+        self.every_n_epochs = every_n_epochs
+        self.inputs: Tensor | None = None
+        self.codes: Tensor | None = None
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        vae = pl_module.vae
+        if self.inputs is None:
+            batch = next(iter(trainer.datamodule.val_dataloader()))[0][: self.n_images]
+            self.inputs = trainer.datamodule.preprocess(batch.to(pl_module.device))
+            self.codes = vae.prior().sample((self.n_samples,))
+        with torch.no_grad():
+            reconstructions = vae.reconstruct(self.inputs)
+            samples = vae.decode(self.codes).mean
+        step = trainer.global_step
+        writer.add_image("images/reconstructions", pair_grid(self.inputs, reconstructions), step)
+        writer.add_image("images/samples", grid(samples), step)
+
+
+def grid(images: Tensor, nrow: int = 8) -> Tensor:
+    """(N, C, H, W) -> (C, H', W') image grid, values clamped to [0, 1]."""
+    return torchvision.utils.make_grid(images.detach().clamp(0, 1).cpu(), nrow=nrow, pad_value=1)
+
+
+def pair_grid(inputs: Tensor, reconstructions: Tensor) -> Tensor:
+    """Two rows: the inputs above their reconstructions."""
+    return grid(torch.cat([inputs, reconstructions]), nrow=len(inputs))
+
+
+def tensorboard_writer(trainer: L.Trainer):
+    """The SummaryWriter of the trainer's TensorBoard logger, or None (with a warning)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    rank_zero_warn("ImageLogger: no TensorBoard logger configured; images are not logged")
+    return None

@@ -1,0 +1,6 @@
+"""Encoders and decoders: plain nn.Modules built from the data's image shape at build time."""
+
+from vaelab.nets.decoders import ConvDecoder, MLPDecoder
+from vaelab.nets.encoders import ConvEncoder, MLPEncoder
+
+__all__ = ["ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder"]

@@ -1,0 +1,98 @@
+"""Encoders map an image batch (B, C, H, W) to a feature vector (B, out_dim).
+
+The VAE asks for out_dim = 2 * latent_dim (posterior mean and log-variance); the sizes of the
+input come from the DataModule at build time, never from a config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from math import prod
+
+from torch import Tensor, nn
+
+from vaelab.errors import require
+
+Activation = Callable[[], nn.Module]
+
+
+def mlp(sizes: Sequence[int], activation: Activation) -> nn.Sequential:
+    """Linear layers of the given sizes with an activation between (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def check_sizes(name: str, sizes: Sequence[int]) -> list[int]:
+    sizes = list(sizes)
+    require(
+        all(isinstance(s, int) and s >= 1 for s in sizes),
+        f"{name} must be positive integers, got {sizes}",
+    )
+    return sizes
+
+
+class MLPEncoder(nn.Module):
+    """Flatten, then Linear-activation layers of `hidden_dims`, then Linear to `out_dim`."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_dim: int,
+        hidden_dims: Sequence[int] = (512, 256),
+        activation: Activation = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        hidden_dims = check_sizes("model.hidden_dims", hidden_dims)
+        self.net = nn.Sequential(
+            nn.Flatten(), mlp([prod(in_shape), *hidden_dims, out_dim], activation)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
+        return self.net(x)
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 4x4 convolutions (each halves H and W), then Linear to `out_dim`.
+
+    With the default two layers, 28x28 becomes 7x7 and 32x32 becomes 8x8; any channel count.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_dim: int,
+        channels: Sequence[int] = (32, 64),
+        hidden_dim: int = 256,
+        activation: Activation = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        channels = check_sizes("model.channels", channels)
+        c, h, w = check_conv_shape(in_shape, len(channels))
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip([c, *channels[:-1]], channels, strict=True):
+            layers += [nn.Conv2d(n_in, n_out, kernel_size=4, stride=2, padding=1), activation()]
+        scale = 2 ** len(channels)
+        flat = channels[-1] * (h // scale) * (w // scale)
+        self.net = nn.Sequential(
+            *layers, nn.Flatten(), mlp([flat, hidden_dim, out_dim], activation)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
+        return self.net(x)
+
+
+def check_conv_shape(shape: Sequence[int], n_layers: int) -> tuple[int, int, int]:
+    """(C, H, W) if H and W survive n_layers halvings exactly, else a ConfigError."""
+    require(len(shape) == 3, f"conv model needs images shaped (C, H, W), got {tuple(shape)}")
+    c, h, w = (int(s) for s in shape)
+    scale = 2**n_layers
+    require(
+        h % scale == 0 and w % scale == 0 and h >= scale and w >= scale,
+        f"conv model with {n_layers} stride-2 layers needs image height and width divisible by "
+        f"{scale}, got {c}x{h}x{w} (e.g. 28x28 or 32x32 work with 2 layers)",
+    )
+    return c, h, w
