@@ -33,8 +33,12 @@ class VAEModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         bpd_offset: float | None = None,
         run_config: dict[str, Any] | None = None,
+        eval_seed: int | None = 0,
     ) -> None:
         """`bpd_offset`: from the DataModule (None: no bits per dimension for these data).
+        `eval_seed`: validation and test draw their Monte-Carlo samples from this seed (then the
+        training random state is restored), so the same checkpoint always gets the same numbers
+        and successive validation epochs compare on common random numbers.
         `run_config`: the resolved run config, saved as hyper-parameters, so checkpoints carry
         it and TensorBoard's HParams tab shows it."""
         super().__init__()
@@ -45,6 +49,8 @@ class VAEModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.bpd_offset = bpd_offset
         self.num_dims = math.prod(vae.image_shape)
+        self.eval_seed = eval_seed
+        self._saved_rng: tuple[Tensor, list[Tensor]] | None = None
         if run_config is not None:
             self.save_hyperparameters(run_config)
 
@@ -60,11 +66,13 @@ class VAEModule(L.LightningModule):
         if self.bpd_offset is not None:
             nll_per_dim = -metrics["elbo"] / self.num_dims
             metrics["bpd"] = (nll_per_dim + self.bpd_offset) / math.log(2)
+        # Training curves are per step; validation and test values are means over the whole
+        # split (weighted by batch size, reduced across processes).
         training = stage == "train"
         self.log_dict(
             {f"{stage}/{name}": value.detach() for name, value in metrics.items()},
             on_step=training,
-            on_epoch=True,
+            on_epoch=not training,
             sync_dist=not training,
             batch_size=len(images),
         )
@@ -78,6 +86,33 @@ class VAEModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.step(batch, "test")
+
+    def _seed_evaluation(self) -> None:
+        if self.eval_seed is None:
+            return
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        self._saved_rng = (torch.get_rng_state(), cuda)
+        torch.manual_seed(self.eval_seed + self.global_rank)
+
+    def _restore_training_rng(self) -> None:
+        if self._saved_rng is not None:
+            cpu, cuda = self._saved_rng
+            torch.set_rng_state(cpu)
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+            self._saved_rng = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._seed_evaluation()
+
+    def on_validation_epoch_end(self) -> None:
+        self._restore_training_rng()
+
+    def on_test_epoch_start(self) -> None:
+        self._seed_evaluation()
+
+    def on_test_epoch_end(self) -> None:
+        self._restore_training_rng()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
