@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_script, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +67,22 @@ def test_train_writes_run_dir_and_improves(model, likelihood, data_dir, tmp_path
     elbo = [event.value for event in accumulator.Scalars("val/elbo")]
     assert len(elbo) == 3
     assert elbo[-1] > elbo[0], f"val/elbo did not improve: {elbo}"
-    # The Hydra config reaches TensorBoard's HParams tab.
-    assert "model/latent_dim" in (run_dir / "tensorboard" / "hparams.yaml").read_text() or (
-        "latent_dim" in (run_dir / "tensorboard" / "hparams.yaml").read_text()
-    )
+    # TensorBoard's HParams tab: the config (with the group choices) and the metrics to compare.
+    experiment, session = hparams_plugin_data(accumulator)
+    metric_names = {info.name.tag for info in experiment.metric_infos}
+    assert {"val/elbo", "val/elbo_best", "val/rate", "val/distortion"} <= metric_names
+    assert session.hparams["choices/model"].string_value == model
+    assert session.hparams["choices/likelihood"].string_value == likelihood
+    assert session.hparams["model/latent_dim"].number_value == 4
+    assert "val/elbo_best" in accumulator.Tags()["scalars"]
+
+
+def hparams_plugin_data(accumulator: EventAccumulator):
+    content = accumulator.PluginTagToContent("hparams")
+    parse = plugin_data_pb2.HParamsPluginData.FromString
+    experiment = parse(content["_hparams_/experiment"]).experiment
+    session = parse(content["_hparams_/session_start_info"]).session_start_info
+    return experiment, session
 
 
 def test_evaluate_restores_run_and_reports_test_metrics(data_dir, tmp_path):

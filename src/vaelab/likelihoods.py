@@ -88,5 +88,8 @@ class ContinuousBernoulli(Likelihood):
 def bounded(x: Tensor, low: float, high: float) -> Tensor:
     """Soft clamp into (low, high): close to the identity away from the bounds, smooth, with
     non-zero gradients everywhere (a hard clamp would stop learning at the bound)."""
-    x = low + torch.nn.functional.softplus(x - low)
-    return high - torch.nn.functional.softplus(high - x)
+    softplus = torch.nn.functional.softplus
+    # Two algebraically equal forms, each numerically exact at the bound it is used near.
+    upper = high + softplus(low - x) - softplus(high - x)
+    lower = low + softplus(x - low) - softplus(x - high)
+    return torch.where(x > 0.5 * (low + high), upper, lower)

@@ -27,7 +27,7 @@ class ELBO:
     def __init__(self, beta: float = 1.0, n_samples: int = 1) -> None:
         require(beta >= 0, f"objective.beta must be >= 0, got {beta}")
         require(
-            isinstance(n_samples, int) and n_samples >= 1,
+            isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1,
             f"objective.n_samples must be an integer >= 1, got {n_samples}",
         )
         self.beta = float(beta)

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config.pop("hydra", None)
+    if HydraConfig.initialized():  # which option of each group, for the HParams table
+        run_config["choices"] = {
+            group: choice
+            for group, choice in HydraConfig.get().runtime.choices.items()
+            if not group.startswith("hydra") and choice is not None
+        }
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule, run_config=run_config)
     trainer: L.Trainer = instantiate(

@@ -1,5 +1,6 @@
 """Callbacks: side effects (images, reports) that stay out of the LightningModule."""
 
+from vaelab.callbacks.hparams import HParamsLogger
 from vaelab.callbacks.images import ImageLogger
 
-__all__ = ["ImageLogger"]
+__all__ = ["HParamsLogger", "ImageLogger"]

@@ -163,7 +163,7 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         """Binarise once where the mode says so (stored as bool), else keep uint8."""
         fixed = self.binarize == "static" or (self.binarize == "dynamic" and split != "train")
         if fixed:
-            seed = self.binarize_seed + ("train", "val", "test").index(split)
+            seed = 3 * self.binarize_seed + ("train", "val", "test").index(split)
             g = torch.Generator().manual_seed(seed)
             images = torch.bernoulli(images.float() / 255, generator=g).bool()
         return InMemoryImages(images, labels)
@@ -176,7 +176,9 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         if self.binarize == "dynamic":
             return torch.bernoulli(intensity / 255)
         if self.dequantize:
-            return (intensity + torch.rand_like(intensity)) / 256
+            # u in [0, 1); the clamp stops float32 rounding pixel + u up to pixel + 1.
+            noisy = intensity + torch.rand_like(intensity)
+            return torch.minimum(noisy, intensity + (1 - 2**-16)) / 256
         return intensity / 255
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int):

@@ -68,6 +68,8 @@ def read_idx(path: Path, ndim: int) -> Tensor:
             f"{path} is truncated or padded: its header says {'x'.join(map(str, dims))} = "
             f"{prod(dims)} bytes of data, the file holds {len(body)}"
         )
+    if not body:
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
 
 
