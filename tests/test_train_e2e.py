@@ -4,10 +4,14 @@ and an improving val/elbo."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_script, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -85,28 +89,146 @@ def hparams_plugin_data(accumulator: EventAccumulator):
     return experiment, session
 
 
-def test_evaluate_restores_run_and_reports_test_metrics(data_dir, tmp_path):
-    log_dir = tmp_path / "logs"
-    train = run_script(
-        "train.py", [*tiny(data_dir), f"paths.log_dir={log_dir}", "test=true"], cwd=tmp_path
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    run_dir = only_run_dir(log_dir)
-
-    result = run_script(
-        "evaluate.py",
-        [f"run={run_dir}", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}"],
-        cwd=tmp_path,
-    )
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    """One tiny training run (latent_dim=4, with the test loop at the end)."""
+    root = tmp_path_factory.mktemp("trained")
+    args = [*tiny(data_dir), f"paths.log_dir={root / 'logs'}", "test=true"]
+    result = run_script("train.py", args, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/elbo" in result.stdout
-    report = json.loads((only_run_dir(log_dir, "evaluate") / "metrics.json").read_text())
+    return only_run_dir(root / "logs")
+
+
+def evaluate(run: Path, data_dir: Path, log_dir: Path, *extra: str):
+    args = [f"run={run}", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}", "eval.k=20"]
+    return run_script("evaluate.py", [*args, *extra], cwd=log_dir.parent)
+
+
+def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, tmp_path):
+    log_dir = tmp_path / "logs"
+    result = evaluate(trained_run, data_dir, log_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/nll_is" in result.stdout and "k=20" in result.stdout
+    eval_dir = only_run_dir(log_dir, "evaluate")
+    report = json.loads((eval_dir / "metrics.json").read_text())
     metrics = report["metrics"]
-    assert {"test/elbo", "test/rate", "test/distortion", "test/bpd"} <= set(metrics)
+    expected = {
+        "test/elbo",
+        "test/rate",
+        "test/distortion",
+        "test/nll_is",
+        "test/bpd",
+        "test/bpd_elbo",
+        "test/active_units",
+        "test/mse",
+        "test/elbo_is",
+    }
+    assert expected <= set(metrics)
     assert metrics["test/elbo"] == pytest.approx(
         -(metrics["test/rate"] + metrics["test/distortion"]), rel=1e-5
     )
+    assert -metrics["test/nll_is"] >= metrics["test/elbo"] - 1.0  # L_k is the tighter bound
+    assert report["k"] == 20 and "binary pixels" in report["pixel_model"]
+    assert len(report["kl_per_dim_sorted"]) == 4
+    assert report["kl_per_dim_sorted"] == sorted(report["kl_per_dim_sorted"], reverse=True)
     assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]
+    for picture in ("reconstructions", "samples", "traversals", "latent_pca"):
+        assert (eval_dir / f"{picture}.png").stat().st_size > 0
     # Same checkpoint, same data, same seed: the test loop inside train.py agrees.
-    trained = events(run_dir).Scalars("test/elbo")[-1].value
+    accumulator = events(trained_run)
+    trained = accumulator.Scalars("test/elbo")[0].value
     assert metrics["test/elbo"] == pytest.approx(trained, abs=1e-3)
+    # evaluate.py's numbers and pictures land in the run's own TensorBoard.
+    assert "test/nll_is" in accumulator.Tags()["scalars"]
+    assert {"eval/reconstructions", "eval/samples", "eval/traversals", "eval/latent_pca"} <= set(
+        accumulator.Tags()["images"]
+    )
+    assert (trained_run / "tensorboard" / "projector_config.pbtxt").is_file()
+
+
+def test_evaluate_sweep_reports_every_run(data_dir, tmp_path):
+    log_dir = tmp_path / "logs"
+    args = [
+        "-m",
+        *tiny(data_dir),
+        f"paths.log_dir={log_dir}",
+        "trainer.max_epochs=1",
+        "model.latent_dim=2,3",
+        "objective.beta=0.5,1",
+    ]
+    sweep = run_script("train.py", args, cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (sweep_dir,) = (log_dir / "train" / "multiruns").iterdir()
+    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(runs) == 4 and all((sweep_dir / r / "tensorboard").is_dir() for r in runs)
+    assert "model.latent_dim=2" in runs[0] and "objective.beta=0.5" in runs[0]
+    # A run that died before its first checkpoint is reported, not dropped.
+    broken = sweep_dir / "4_model.latent_dim=8"
+    shutil.copytree(sweep_dir / runs[0] / ".hydra", broken / ".hydra")
+
+    result = evaluate(sweep_dir, data_dir, log_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_dir = only_run_dir(log_dir, "evaluate")
+    with open(eval_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["run"] for row in rows] == [*runs, broken.name]
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(ok) == 4
+    for row in ok:
+        assert {"model.latent_dim", "objective.beta"} <= set(row)
+        for column in ("elbo", "nll_is", "rate", "distortion", "active_units"):
+            assert math.isfinite(float(row[column]))
+    assert "no checkpoint" in rows[-1]["status"]
+    assert (eval_dir / "summary.md").read_text().count("\n") == 2 + len(rows)
+    for plot in ("rate_distortion", "nll_vs_latent_dim", "nll_vs_beta"):
+        assert (eval_dir / f"{plot}.png").stat().st_size > 0
+    latent_2 = eval_dir / runs[0]
+    assert (latent_2 / "manifold.png").is_file() and (latent_2 / "latent_scatter.png").is_file()
+
+
+def edited_checkpoint(run_dir: Path, tmp_path: Path, edit) -> Path:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    edit(checkpoint)
+    path = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_evaluate_refuses_weights_that_do_not_match_config(trained_run, data_dir, tmp_path):
+    def widen(checkpoint):
+        checkpoint["hyper_parameters"]["model"]["latent_dim"] = 7
+
+    path = edited_checkpoint(trained_run, tmp_path, widen)
+    assert_one_line_error(
+        evaluate(path, data_dir, tmp_path / "logs"),
+        "weights do not match the model its config describes",
+    )
+
+
+def test_evaluate_refuses_foreign_targets(trained_run, data_dir, tmp_path):
+    def inject(checkpoint):
+        checkpoint["hyper_parameters"]["prior"]["_target_"] = "os.system"
+
+    path = edited_checkpoint(trained_run, tmp_path, inject)
+    assert_one_line_error(
+        evaluate(path, data_dir, tmp_path / "logs"), "refusing to instantiate", "os.system"
+    )
+
+
+def test_evaluate_bad_k_and_empty_sweep(trained_run, data_dir, tmp_path):
+    assert_one_line_error(
+        evaluate(trained_run, data_dir, tmp_path / "logs", "eval.k=0"),
+        "eval.k must be an integer >= 1, got 0",
+    )
+    empty = tmp_path / "sweep"
+    empty.mkdir()
+    (empty / "multirun.yaml").write_text("{}\n")
+    assert_one_line_error(evaluate(empty, data_dir, tmp_path / "logs"), "no runs")

@@ -1,30 +1,70 @@
-"""Evaluation of a trained run: restore its config and checkpoint, run a split through the same
-step as training, print and save the metrics."""
+"""Evaluation of a trained run, or of every run of a sweep.
+
+For one run: restore its config and checkpoint, run the split through the same step as training
+(`{split}/elbo`, `rate`, `distortion`), then one more pass for the importance-sampled
+log-likelihood and posterior diagnostics (see vaelab.evaluation.metrics), pictures, and
+`metrics.json`. Metrics and pictures also go to the run's own TensorBoard.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import matplotlib.pyplot as plt
+import torch
 from omegaconf import DictConfig, open_dict
+from torch.utils.tensorboard import SummaryWriter
 
 from vaelab.build import build_datamodule, build_module
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
+from vaelab.evaluation import pictures
+from vaelab.evaluation.metrics import evaluate_split, summarise
+from vaelab.evaluation.sweep import evaluate_sweep, is_sweep_dir
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate `cfg.run` (run dir or .ckpt) on `cfg.eval.split`; write metrics.json."""
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.run`: a run dir, a .ckpt file, or a multirun (sweep) dir."""
+    check_eval_config(cfg)
+    path = Path(cfg.run).expanduser()
+    out_dir = Path(cfg.paths.output_dir)
+    if path.is_dir() and is_sweep_dir(path):
+        rows = evaluate_sweep(path, out_dir, lambda run_dir, sub: evaluate_run(cfg, run_dir, sub))
+        print((out_dir / "summary.md").read_text())
+        print(f"sweep report written to {out_dir}")
+        return {"runs": rows}
+    return evaluate_run(cfg, path, out_dir)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    e = cfg.eval
+    require(e.split in SPLITS, f"eval.split must be one of {', '.join(SPLITS)}, got {e.split!r}")
     require(
-        cfg.eval.split in SPLITS,
-        f"eval.split must be one of {', '.join(SPLITS)}, got {cfg.eval.split!r}",
+        isinstance(e.k, int) and not isinstance(e.k, bool) and e.k >= 1,
+        f"eval.k must be an integer >= 1, got {e.k!r}",
     )
-    ckpt_path = find_checkpoint(cfg.run, cfg.eval.checkpoint)
+    require(
+        isinstance(e.max_codes, int) and e.max_codes >= 1,
+        f"eval.max_codes must be an integer >= 1, got {e.max_codes!r}",
+    )
+    require(
+        e.limit is None or (isinstance(e.limit, int) and e.limit >= 1),
+        f"eval.limit must be null or an integer >= 1, got {e.limit!r}",
+    )
+
+
+def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
+    """Evaluate one run dir or checkpoint into out_dir; return its summary row."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = find_checkpoint(run, cfg.eval.checkpoint)
     checkpoint = load_checkpoint(ckpt_path)
     train_cfg = checkpoint_config(checkpoint, ckpt_path)
     with open_dict(train_cfg):
@@ -32,8 +72,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         train_cfg.data.data_dir = cfg.paths.data_dir
         if cfg.eval.batch_size is not None:
             train_cfg.data.eval_batch_size = cfg.eval.batch_size
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(train_cfg)
     module = build_module(train_cfg, datamodule)
     try:
@@ -44,34 +82,104 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"{ckpt_path}: weights do not match the model its config describes ({detail[:300]})"
         ) from e
 
+    split = cfg.eval.split
+    metrics = step_metrics(cfg, module, datamodule, split)
+    device = pick_device(cfg.eval.accelerator)
+    vae = module.vae.to(device).eval()
+    torch.manual_seed(cfg.seed)
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    results = evaluate_split(
+        vae, loader, datamodule, cfg.eval.k, cfg.eval.max_codes, device, limit=cfg.eval.limit
+    )
+    is_metrics, per_dim = summarise(results, split, datamodule.num_dims, datamodule.bpd_offset)
+    metrics.update(is_metrics)
+
+    report = {
+        "checkpoint": str(ckpt_path),
+        "global_step": checkpoint.get("global_step"),
+        "split": split,
+        "k": cfg.eval.k,
+        "examples_importance_sampled": len(results.cat("log_likelihood")),
+        "pixel_model": datamodule.pixel_model,
+        "units": "nats per example; bpd in bits per dimension (from nll_is); mse per pixel",
+        "metrics": metrics,
+        **per_dim,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    draw(vae, results, per_dim["kl_dim_order"], out_dir, ckpt_path, report, cfg.seed)
+    print(format_table(report))
+    print(f"metrics and pictures written to {out_dir}")
+    return {
+        **{name: metrics.get(f"{split}/{name}") for name in
+           ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")},
+        "model_info": {
+            "latent_dim": train_cfg.model.latent_dim,
+            "beta": train_cfg.objective.get("beta", 1.0),
+        },
+    }
+
+
+def step_metrics(cfg: DictConfig, module, datamodule, split: str) -> dict[str, float]:
+    """The training step's metrics on the split, through Lightning's test/validate loop."""
     trainer = L.Trainer(
         accelerator=cfg.eval.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=False,
         default_root_dir=cfg.paths.output_dir,
     )
-    loop = trainer.test if cfg.eval.split == "test" else trainer.validate
+    loop = trainer.test if split == "test" else trainer.validate
     (results,) = loop(module, datamodule=datamodule, verbose=False)
     metrics = {name: float(value) for name, value in results.items()}
-
-    report = {
-        "checkpoint": str(ckpt_path),
-        "split": cfg.eval.split,
-        "pixel_model": datamodule.pixel_model,
-        "units": "nats per example; bpd in bits per dimension",
-        "metrics": metrics,
-    }
-    out = Path(cfg.paths.output_dir) / "metrics.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(metrics, ckpt_path, datamodule.pixel_model))
-    print(f"metrics written to {out}")
+    # The step's bpd comes from the ELBO; `{split}/bpd` is reserved for the tighter IS estimate.
+    if f"{split}/bpd" in metrics:
+        metrics[f"{split}/bpd_elbo"] = metrics.pop(f"{split}/bpd")
     return metrics
 
 
-def format_table(metrics: dict[str, float], ckpt_path: Path, pixel_model: str) -> str:
+def pick_device(accelerator: str) -> torch.device:
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def draw(vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: int) -> None:
+    """PNG files in out_dir; the same pictures and the metrics in the run's TensorBoard."""
+    examples = results.cat("examples")
+    device = next(vae.parameters()).device
+    grids = pictures.image_grids(vae, examples[:16].to(device), kl_order, seed=seed)
+    for name, image in grids.items():
+        pictures.save_png(image, out_dir / f"{name}.png")
+    means, labels = results.cat("posterior_mean"), results.cat("labels")
+    name = "latent_scatter" if vae.latent_dim == 2 else "latent_pca"
+    figure = pictures.latent_scatter(means, labels, f"posterior means ({report['split']} split)")
+    figure.savefig(out_dir / f"{name}.png", dpi=120)
+
+    run_dir = ckpt_path.parent.parent
+    if ckpt_path.parent.name != "checkpoints" or not (run_dir / "tensorboard").is_dir():
+        plt.close(figure)
+        return
+    step = report["global_step"] or 0
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for key, value in report["metrics"].items():
+            if math.isfinite(value):
+                writer.add_scalar(key, value, step)
+        for image_name, image in grids.items():
+            writer.add_image(f"eval/{image_name}", image, step)
+        writer.add_figure(f"eval/{name}", figure, step)
+        if vae.latent_dim > 2:
+            pictures.log_embedding(writer, means, labels, examples, step)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    metrics = report["metrics"]
     width = max(len(name) for name in metrics)
-    lines = [f"checkpoint: {ckpt_path}", f"data: {pixel_model}"]
+    lines = [
+        f"checkpoint: {report['checkpoint']}",
+        f"data: {report['pixel_model']}",
+        f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "
+        f"{report['split']} examples",
+    ]
     lines += [f"  {name:<{width}}  {value:12.4f}" for name, value in sorted(metrics.items())]
     return "\n".join(lines)

@@ -14,8 +14,11 @@ ELBO (Kingma & Welling 2013):  ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))  <
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
 from vaelab.errors import require
 from vaelab.vae import VAE
@@ -44,3 +47,32 @@ class ELBO:
 
     def __repr__(self) -> str:
         return f"ELBO(beta={self.beta}, n_samples={self.n_samples})"
+
+
+def log_importance_weights(vae: VAE, x: Tensor, q: Distribution, n: int) -> Tensor:
+    """log w_i = log p(x, z_i) - log q(z_i|x) for n draws z_i ~ q(z|x): shape (n, B)."""
+    z = q.sample((n,))  # (n, B, latent_dim)
+    return vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
+
+
+@torch.no_grad()
+def iwae_bound(vae: VAE, x: Tensor, k: int, max_codes: int = 5000) -> dict[str, Tensor]:
+    """Importance-weighted bound L_k (Burda et al. 2015) per example, and the ELBO from the same
+    weights.
+
+    L_k = log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x): a lower bound on log p(x) that
+    increases with k (L_1 = ELBO); -L_k at k=5000 is the standard estimate of -log p(x). The k
+    samples are drawn in chunks of at most `max_codes` codes per decoder call (chunk of samples
+    times batch size), combined with a running log-sum-exp, so memory stays bounded for any k.
+    Returns `log_likelihood` (L_k) and `elbo` (the mean log-weight, a Monte-Carlo ELBO), each (B,).
+    """
+    require(isinstance(k, int) and k >= 1, f"eval.k must be an integer >= 1, got {k!r}")
+    q = vae.posterior(x)
+    chunk = max(1, min(k, max_codes // len(x)))
+    log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
+    weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+    for start in range(0, k, chunk):
+        log_w = log_importance_weights(vae, x, q, min(chunk, k - start))  # (n, B)
+        log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
+        weight_sum += log_w.sum(0)
+    return dict(log_likelihood=log_sum - math.log(k), elbo=weight_sum / k)

@@ -1,0 +1,1 @@
+"""Evaluation: importance-sampled log-likelihood, posterior diagnostics, pictures, sweep reports."""

@@ -1,0 +1,127 @@
+"""Reports over a Hydra multirun dir: one row per run, a table and comparison plots."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from vaelab.errors import CheckpointError  # noqa: E402
+
+COLUMNS = ["elbo", "nll_is", "rate", "distortion", "active_units", "mse"]
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A Hydra multirun dir: it has multirun.yaml, or run subdirs (with .hydra) but no
+    checkpoints of its own."""
+    if (path / "multirun.yaml").is_file():
+        return True
+    return not (path / "checkpoints").exists() and any(
+        (child / ".hydra").is_dir() for child in path.iterdir() if child.is_dir()
+    )
+
+
+def sweep_runs(path: Path) -> list[Path]:
+    runs = sorted(
+        (child for child in path.iterdir() if (child / ".hydra").is_dir()),
+        key=lambda child: (int(child.name.split("_")[0]) if child.name.split("_")[0].isdigit()
+                           else 1 << 30, child.name),
+    )
+    if not runs:
+        raise CheckpointError(f"run={path} is a sweep dir with no runs in it")
+    return runs
+
+
+def overrides(run_dir: Path) -> dict[str, str]:
+    """The swept values of one run, from Hydra's .hydra/overrides.yaml."""
+    file = run_dir / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(file.read_text()) if file.is_file() else []
+    return dict(item.split("=", 1) for item in items or [] if "=" in item)
+
+
+def evaluate_sweep(
+    path: Path, out_dir: Path, evaluate_run: Callable[[Path, Path], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Evaluate every run of the sweep (`evaluate_run(run_dir, out_dir)`); failures are rows."""
+    rows = []
+    for run_dir in sweep_runs(path):
+        row: dict[str, Any] = {"run": run_dir.name, **overrides(run_dir)}
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            row["status"] = "no checkpoint (failed or unfinished)"
+        else:
+            try:
+                row.update(evaluate_run(run_dir, out_dir / run_dir.name))
+                row["status"] = "ok"
+            except CheckpointError as e:
+                row["status"] = f"error: {e}"
+        rows.append(row)
+    write_tables(rows, out_dir)
+    plot_sweep(rows, out_dir)
+    return rows
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    keys = ["run"]
+    for row in rows:
+        keys += [k for k in row if k not in keys and k not in (*COLUMNS, "status", "model_info")]
+    keys += [*COLUMNS, "status"]
+    with open(out_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(k)) for k in keys) + " |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    """rate vs distortion (Alemi et al. 2018); NLL vs latent_dim; NLL vs beta."""
+    done = [r for r in rows if r.get("status") == "ok"]
+    if not done:
+        return
+    figure, axes = plt.subplots(figsize=(6, 5))
+    for row in done:
+        axes.scatter(row["rate"], row["distortion"])
+        axes.annotate(row["run"], (row["rate"], row["distortion"]), fontsize=6)
+    axes.set(xlabel="rate (nats)", ylabel="distortion (nats)", title="rate vs distortion")
+    figure.tight_layout()
+    figure.savefig(out_dir / "rate_distortion.png", dpi=120)
+    plt.close(figure)
+    for x_key, name in (("latent_dim", "latent_dim"), ("beta", "beta")):
+        plot_metric_against(done, x_key, out_dir / f"nll_vs_{name}.png")
+
+
+def plot_metric_against(rows: list[dict[str, Any]], x_key: str, path: Path) -> None:
+    """NLL (or the ELBO's bound where NLL is undefined) against one hyper-parameter, one line per
+    value of the other."""
+    other = "beta" if x_key == "latent_dim" else "latent_dim"
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["model_info"][other], []).append(row)
+    for value, group in sorted(groups.items(), key=lambda item: float(item[0])):
+        group = sorted(group, key=lambda r: r["model_info"][x_key])
+        ys = [r["nll_is"] if r.get("nll_is") is not None else -r["elbo"] for r in group]
+        axes.plot([r["model_info"][x_key] for r in group], ys, marker="o",
+                  label=f"{other}={value}")
+    axes.set(xlabel=x_key, ylabel="test NLL (nats, IS)", title=f"NLL vs {x_key}")
+    if x_key == "latent_dim":
+        axes.set_xscale("log", base=2)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,124 @@
+"""Importance-sampled log-likelihood against the exact log p(x) of a linear Gaussian model, and
+the evaluation's diagnostics against brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_math import (
+    LATENT,
+    SIGMA,
+    LinearEncoder,
+    exact_log_marginal,
+    linear_data,
+    linear_gaussian_model,
+    linear_vae,
+)
+
+from vaelab.errors import ConfigError
+from vaelab.evaluation.metrics import SplitResults, summarise
+from vaelab.objectives import ELBO, iwae_bound
+
+
+def approximate_posterior_vae():
+    """The linear Gaussian model with an encoder near, but not at, the exact posterior: means
+    shifted by 0.5 and variances doubled, so log p(x) - ELBO is a few nats."""
+    weight, bias, scales = linear_gaussian_model()
+    D = weight.shape[0]
+    m_diag = scales**2 + SIGMA**2
+    enc_weight = torch.cat([weight.T / m_diag[:, None], torch.zeros(LATENT, D).double()])
+    enc_bias = torch.cat([-(weight.T @ bias) / m_diag + 0.5, torch.log(2 * SIGMA**2 / m_diag)])
+    return linear_vae(LinearEncoder(enc_weight, enc_bias), weight, bias), weight, bias
+
+
+def test_nll_is_converges_to_exact_log_likelihood():
+    vae, weight, bias = approximate_posterior_vae()
+    x = linear_data(weight, bias)
+    log_px = exact_log_marginal(weight, bias, x)
+    errors = []
+    for k in (1, 10, 100, 1000, 20000):
+        torch.manual_seed(0)
+        bound = iwae_bound(vae, x, k, max_codes=4096)["log_likelihood"]
+        errors.append((log_px - bound).abs().mean().item())
+    assert errors == sorted(errors, reverse=True), errors  # error shrinks as k grows
+    assert errors[0] > 1.0 and errors[-1] < 0.05 and errors[-1] < errors[2] / 10, errors
+
+
+def test_bounds_are_ordered_elbo_le_lk_le_lk_prime():
+    """ELBO <= L_k <= L_k' <= log p(x) for k < k', in expectation (averaged over repeats)."""
+    vae, weight, bias = approximate_posterior_vae()
+    x = linear_data(weight, bias)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        elbo = ELBO(n_samples=50000)(vae, x)["elbo"]
+    means, errors = [], []
+    torch.manual_seed(1)
+    for k in (1, 5, 50, 500):
+        repeats = torch.stack([iwae_bound(vae, x, k)["log_likelihood"] for _ in range(400)])
+        means.append(repeats.mean(0))
+        errors.append(repeats.std(0) / math.sqrt(len(repeats)))
+    log_px = exact_log_marginal(weight, bias, x)
+    # L_1 is the ELBO, up to Monte-Carlo error
+    assert ((means[0] - elbo).abs() <= 5 * errors[0] + 0.02).all()
+    for low, high, low_err, high_err in zip(means, means[1:], errors, errors[1:], strict=False):
+        assert (low <= high + 5 * (low_err + high_err)).all()
+    assert (means[-1] - means[0] > 1.0).all()  # and the improvement is real, not noise
+    assert (means[-1] <= log_px + 5 * errors[-1]).all()
+
+
+def test_iwae_bound_elbo_estimate_matches_closed_form_elbo():
+    vae, weight, bias = approximate_posterior_vae()
+    x = linear_data(weight, bias)
+    torch.manual_seed(0)
+    from_weights = iwae_bound(vae, x, 20000)["elbo"]
+    with torch.no_grad():
+        closed_form_kl = ELBO(n_samples=20000)(vae, x)["elbo"]
+    assert torch.allclose(from_weights, closed_form_kl, atol=0.1)
+
+
+def test_chunking_does_not_change_the_estimate():
+    """Chunks of any size combine to the same log-mean-exp as one pass over the same draws."""
+    vae, weight, bias = approximate_posterior_vae()
+    x = linear_data(weight, bias)
+    q = vae.posterior(x)
+    torch.manual_seed(3)
+    z = q.sample((600,))
+    log_w = vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
+    reference = torch.logsumexp(log_w, 0) - math.log(600)
+    # Replay the same draws through iwae_bound by fixing q.sample's noise.
+    draws = iter(z.split(1))
+
+    class Replay(torch.distributions.Independent):
+        def sample(self, sample_shape=(1,)):
+            return torch.cat([next(draws) for _ in range(sample_shape[0])])
+
+    original = vae.posterior
+    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+    bound = iwae_bound(vae, x, 600, max_codes=7 * len(x))["log_likelihood"]  # chunks of 7
+    torch.testing.assert_close(bound, reference)
+
+
+def test_iwae_bound_rejects_bad_k():
+    vae, weight, bias = approximate_posterior_vae()
+    with pytest.raises(ConfigError, match="eval.k"):
+        iwae_bound(vae, linear_data(weight, bias), 0)
+
+
+def test_active_units_and_kl_per_dim_by_brute_force():
+    results = SplitResults()
+    means = torch.zeros(100, 3)
+    means[:, 0] = torch.linspace(-1, 1, 100)  # variance ~0.34: active
+    means[:, 1] = torch.linspace(-0.05, 0.05, 100)  # variance ~8e-4: inactive
+    results.posterior_mean.append(means)
+    results.kl_per_dim.append(torch.tensor([[0.5, 2.0, 0.0]]).repeat(100, 1))
+    results.log_likelihood.append(torch.full((100,), -80.0))
+    results.elbo_is.append(torch.full((100,), -85.0))
+    results.squared_error.append(torch.full((100,), 0.01))
+    metrics, per_dim = summarise(results, "test", num_dims=784, bpd_offset=0.0)
+    assert metrics["test/active_units"] == 1
+    assert metrics["test/nll_is"] == pytest.approx(80.0)
+    assert metrics["test/bpd"] == pytest.approx(80.0 / (784 * math.log(2)))
+    assert per_dim["kl_per_dim_sorted"] == pytest.approx([2.0, 0.5, 0.0])
+    assert per_dim["kl_dim_order"] == [1, 0, 2]
