@@ -77,8 +77,9 @@ def main() -> None:
 
     def run_vaelab():
         with torch.no_grad():
-            return torch.cat([-iwae_bound(vae, b, args.k, args.max_codes)["log_likelihood"]
-                              for b in batches])
+            return torch.cat(
+                [-iwae_bound(vae, b, args.k, args.max_codes)["log_likelihood"] for b in batches]
+            )
 
     def run_plain():
         with torch.no_grad():
@@ -88,13 +89,17 @@ def main() -> None:
     a = run_vaelab()
     torch.manual_seed(1)
     b = run_plain()
-    print(f"threads={torch.get_num_threads()} images={args.images} k={args.k} "
-          f"batch={args.batch} max_codes={args.max_codes} plain_chunk={args.plain_chunk}")
+    print(
+        f"threads={torch.get_num_threads()} images={args.images} k={args.k} "
+        f"batch={args.batch} max_codes={args.max_codes} plain_chunk={args.plain_chunk}"
+    )
     print(f"mean NLL: vaelab {a.mean():.3f}  plain {b.mean():.3f} (same weights; MC noise only)")
     vaelab_times = timed(run_vaelab, args.repeats)
     plain_times = timed(run_plain, args.repeats)
-    per_1000 = {name: statistics.median(t) * 1000 / args.images
-                for name, t in (("vaelab", vaelab_times), ("plain", plain_times))}
+    per_1000 = {
+        name: statistics.median(t) * 1000 / args.images
+        for name, t in (("vaelab", vaelab_times), ("plain", plain_times))
+    }
     for name, seconds in per_1000.items():
         print(f"{name:>7}: {seconds:8.1f} s per 1000 images (median of {args.repeats})")
     print(f"throughput ratio vaelab / plain: {per_1000['plain'] / per_1000['vaelab']:.2f}")

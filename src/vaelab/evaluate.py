@@ -110,8 +110,10 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")
     return {
-        **{name: metrics.get(f"{split}/{name}") for name in
-           ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")},
+        **{
+            name: metrics.get(f"{split}/{name}")
+            for name in ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")
+        },
         "model_info": {
             "latent_dim": train_cfg.model.latent_dim,
             "beta": train_cfg.objective.get("beta", 1.0),

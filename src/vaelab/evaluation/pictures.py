@@ -33,9 +33,7 @@ EMBEDDING_POINTS = 2000
 
 
 @torch.no_grad()
-def image_grids(
-    vae: VAE, inputs: Tensor, kl_order: list[int], seed: int = 0
-) -> dict[str, Tensor]:
+def image_grids(vae: VAE, inputs: Tensor, kl_order: list[int], seed: int = 0) -> dict[str, Tensor]:
     """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device."""
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(64, vae.latent_dim, generator=generator).to(inputs.device)

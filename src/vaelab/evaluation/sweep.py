@@ -31,8 +31,10 @@ def is_sweep_dir(path: Path) -> bool:
 def sweep_runs(path: Path) -> list[Path]:
     runs = sorted(
         (child for child in path.iterdir() if (child / ".hydra").is_dir()),
-        key=lambda child: (int(child.name.split("_")[0]) if child.name.split("_")[0].isdigit()
-                           else 1 << 30, child.name),
+        key=lambda child: (
+            int(child.name.split("_")[0]) if child.name.split("_")[0].isdigit() else 1 << 30,
+            child.name,
+        ),
     )
     if not runs:
         raise CheckpointError(f"run={path} is a sweep dir with no runs in it")
@@ -116,8 +118,7 @@ def plot_metric_against(rows: list[dict[str, Any]], x_key: str, path: Path) -> N
     for value, group in sorted(groups.items(), key=lambda item: float(item[0])):
         group = sorted(group, key=lambda r: r["model_info"][x_key])
         ys = [r["nll_is"] if r.get("nll_is") is not None else -r["elbo"] for r in group]
-        axes.plot([r["model_info"][x_key] for r in group], ys, marker="o",
-                  label=f"{other}={value}")
+        axes.plot([r["model_info"][x_key] for r in group], ys, marker="o", label=f"{other}={value}")
     axes.set(xlabel=x_key, ylabel="test NLL (nats, IS)", title=f"NLL vs {x_key}")
     if x_key == "latent_dim":
         axes.set_xscale("log", base=2)
