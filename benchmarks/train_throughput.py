@@ -2,13 +2,15 @@
 PyTorch loop, in one process, on the same model and data.
 
 (a) plain: a hand-written loop over an in-memory uint8 tensor: per-epoch permutation, slicing,
-    dynamic binarisation, Bernoulli ELBO with the closed-form KL, torch.optim.Adam (defaults).
+    dynamic binarisation (torch.bernoulli), Bernoulli ELBO with the closed-form KL,
+    torch.optim.Adam (defaults).
 (b) vaelab: `vaelab.train` objects built from the real configs (data, model, objective,
     optimizer, TensorBoard logger, progress bar, image and HParams callbacks), Trainer.fit.
 
 The data are N MNIST-shaped images, synthetic unless --data-dir holds MNIST/raw/. Validation and
 checkpoint writing are off in (b), so both time the same training epoch. Each row: median
-samples/s over --repeats timed epochs after one warm-up epoch, and peak resident memory.
+samples/s over the timed epochs (--rounds alternating rounds of --repeats epochs, each round after
+one warm-up epoch), and the process's peak resident memory so far.
 
     python benchmarks/train_throughput.py --batch 128 512 --model mlp conv
 """
@@ -47,10 +49,17 @@ def compose_config(model: str, batch: int, data_dir: Path, log_dir: Path, epochs
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"model={model}", f"data.batch_size={batch}",
-                       f"paths.data_dir={data_dir}", "data.download=false",
-                       f"trainer.max_epochs={epochs}", "+trainer.limit_val_batches=0",
-                       "+trainer.num_sanity_val_steps=0", "trainer.accelerator=cpu", *extra],
+            overrides=[
+                f"model={model}",
+                f"data.batch_size={batch}",
+                f"paths.data_dir={data_dir}",
+                "data.download=false",
+                f"trainer.max_epochs={epochs}",
+                "+trainer.limit_val_batches=0",
+                "+trainer.num_sanity_val_steps=0",
+                "trainer.accelerator=cpu",
+                *extra,
+            ],
             return_hydra_config=True,
         )
     with open_dict(cfg):
@@ -128,7 +137,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--model", nargs="+", default=["mlp"])
     parser.add_argument("--images", type=int, default=60000, help="training set size")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating plain/vaelab rounds")
     parser.add_argument("--data-dir", type=Path, default=None, help="a folder with MNIST/raw/")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for vaelab")
     args = parser.parse_args()
@@ -139,25 +149,41 @@ def main() -> None:
         if data_dir is None:
             data_dir = Path(tmp) / "data"
             write_synthetic_mnist(data_dir, args.images + 5000)  # 5000 become validation
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"data: {'synthetic' if args.data_dir is None else data_dir}, "
-              f"overrides: {args.overrides or 'none'}")
-        print(f"{'model':>5} {'batch':>5} {'plain s/ep':>10} {'vaelab s/ep':>11} "
-              f"{'plain samples/s':>15} {'vaelab samples/s':>16} {'ratio':>6} {'peak MB':>8}")
+        header = (
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"data: {'synthetic' if args.data_dir is None else data_dir}, "
+            f"overrides: {args.overrides or 'none'}"
+        )
+        print(header)
+        rows = [
+            f"{'model':>5} {'batch':>5} {'plain s/ep':>10} {'vaelab s/ep':>11} "
+            f"{'plain samples/s':>15} {'vaelab samples/s':>16} {'ratio':>6} {'peak MB':>8}"
+        ]
         for model in args.model:
             for batch in args.batch:
-                cfg = compose_config(model, batch, data_dir, Path(tmp) / f"logs_{model}_{batch}",
-                                     1 + args.repeats, args.overrides)
+                cfg = compose_config(
+                    model,
+                    batch,
+                    data_dir,
+                    Path(tmp) / f"logs_{model}_{batch}",
+                    1 + args.repeats,
+                    args.overrides,
+                )
                 datamodule = build_datamodule(cfg)
                 datamodule.setup("fit")
                 images = datamodule.splits["train"].images
                 n = len(images)
-                plain = plain_epochs(cfg, images, batch, 1 + args.repeats)[1:]
-                ours = vaelab_epochs(cfg)[1:]
+                plain, ours = [], []
+                for _ in range(args.rounds):  # alternate, so drift of the machine hits both
+                    plain += plain_epochs(cfg, images, batch, 1 + args.repeats)[1:]
+                    ours += vaelab_epochs(cfg)[1:]
                 plain_s, ours_s = statistics.median(plain), statistics.median(ours)
-                print(f"{model:>5} {batch:>5} {plain_s:10.2f} {ours_s:11.2f} {n / plain_s:15.0f} "
-                      f"{n / ours_s:16.0f} {plain_s / ours_s:6.2f} {peak_rss_mb():8.0f}",
-                      flush=True)
+                rows.append(
+                    f"{model:>5} {batch:>5} {plain_s:10.2f} {ours_s:11.2f} "
+                    f"{n / plain_s:15.0f} {n / ours_s:16.0f} {plain_s / ours_s:6.2f} "
+                    f"{peak_rss_mb():8.0f}"
+                )
+        print("\n".join(rows))  # after the progress bars, which share the terminal
 
 
 if __name__ == "__main__":

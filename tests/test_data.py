@@ -15,7 +15,14 @@ import torchvision
 from conftest import fake_images, write_fake_dataset, write_idx
 
 from vaelab.data import FashionMNISTDataModule, MNISTDataModule
-from vaelab.data.datasets import InMemoryImages, as_batch, load_split, missing_files, read_idx
+from vaelab.data.datasets import (
+    IndexBatch,
+    InMemoryImages,
+    as_batch,
+    load_split,
+    missing_files,
+    read_idx,
+)
 from vaelab.errors import ConfigError, DataError
 
 STEMS = [
@@ -464,12 +471,17 @@ def test_in_memory_images_getitems_is_one_indexing_operation():
     assert dataset[4][0].item() == 4 and dataset[4][1].item() == 8
 
 
-def test_train_loader_batches_and_covers_the_epoch(indexed_root):
+def stored_batches(dm, loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [dm.stored(batch) for batch in loader]
+
+
+@pytest.mark.parametrize("device_cache", [True, False])
+def test_train_loader_batches_and_covers_the_epoch(indexed_root, device_cache):
     batch_size = 64
-    dm = datamodule(indexed_root, binarize="none", batch_size=batch_size)
+    dm = datamodule(indexed_root, binarize="none", batch_size=batch_size, device_cache=device_cache)
     n_train = N_TRAIN - VAL_SIZE
     seen = []
-    batches = list(dm.train_dataloader())
+    batches = stored_batches(dm, dm.train_dataloader())
     assert len(batches) == math.ceil(n_train / batch_size)
     for i, (images, labels) in enumerate(batches):
         size = batch_size if i < len(batches) - 1 else n_train - batch_size * (len(batches) - 1)
@@ -481,26 +493,100 @@ def test_train_loader_batches_and_covers_the_epoch(indexed_root):
     assert len(set(seen)) == n_train
 
 
+def test_device_cache_loader_yields_only_indices(indexed_root):
+    dm = datamodule(indexed_root, binarize="none", batch_size=64)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, IndexBatch) and batch.split == "train"
+    assert batch.index.dtype == torch.int64 and batch.index.shape == (64,)
+
+
 def test_train_loader_shuffles_between_epochs(indexed_root):
     dm = datamodule(indexed_root, binarize="none", batch_size=64)
     torch.manual_seed(0)
-    first = torch.cat([image_indices(x) for x, _ in dm.train_dataloader()])
-    second = torch.cat([image_indices(x) for x, _ in dm.train_dataloader()])
+    first = torch.cat([image_indices(x) for x, _ in stored_batches(dm, dm.train_dataloader())])
+    second = torch.cat([image_indices(x) for x, _ in stored_batches(dm, dm.train_dataloader())])
     assert not torch.equal(first, second)
 
 
 def test_eval_loaders_keep_order_and_use_eval_batch_size(indexed_root):
     dm = datamodule(indexed_root, None, binarize="none", batch_size=16, eval_batch_size=25)
-    val = list(dm.val_dataloader())
+    val = stored_batches(dm, dm.val_dataloader())
     assert [len(x) for x, _ in val] == [25, 25, 10]
     assert torch.equal(torch.cat([x for x, _ in val]), dm.splits["val"].images)
-    test = torch.cat([image_indices(x) for x, _ in dm.test_dataloader()])
+    test = torch.cat([image_indices(x) for x, _ in stored_batches(dm, dm.test_dataloader())])
     assert test.tolist() == list(range(N_TEST))
+
+
+@pytest.fixture(scope="module")
+def uncompressed_root(tmp_path_factory) -> Path:
+    """Index-stamped MNIST files, uncompressed, as torchvision's per-sample dataset reads them."""
+    root = tmp_path_factory.mktemp("uncompressed")
+    raw = root / "MNIST" / "raw"
+    for prefix, n, seed in (("train", N_TRAIN, 0), ("t10k", N_TEST, 1)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", indexed_images(n, seed), compress=False)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress=False)
+    return root
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic", "static"])
+def test_fast_paths_give_the_same_batches_as_torchvision(uncompressed_root, binarize):
+    """Same seed, same permutation: the in-memory paths (device cache on and off) and
+    torchvision's per-sample path yield identical model inputs, for every split."""
+    results = []
+    for kwargs in (
+        {"in_memory": True, "device_cache": True},
+        {"in_memory": True, "device_cache": False},
+        {"in_memory": False},
+    ):
+        dm = datamodule(uncompressed_root, None, binarize=binarize, dequantize=False, **kwargs)
+        torch.manual_seed(0)
+        batches = {
+            split: [dm.fetch(batch) for batch in loader()]
+            for split, loader in (
+                ("train", dm.train_dataloader),
+                ("val", dm.val_dataloader),
+                ("test", dm.test_dataloader),
+            )
+        }
+        results.append(batches)
+    fast, sliced, per_sample = results
+    for split in ("train", "val", "test"):
+        for (x1, y1), (x2, y2), (x3, y3) in zip(
+            fast[split], sliced[split], per_sample[split], strict=True
+        ):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+            assert torch.equal(y1, y3)
+            if binarize == "none" or split == "train" and binarize == "dynamic":
+                assert torch.equal(x1, x3)  # fixed binarisation differs by construction
+            else:  # per-sample fixed binarisation: same statistics, its own noise
+                assert set(x3.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("device_cache", [True, False])
+def test_ddp_shards_are_disjoint_and_cover_the_split(indexed_root, device_cache):
+    """The loader Lightning builds for each of 2 processes (DistributedSampler injected)."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    dm = datamodule(indexed_root, binarize="none", batch_size=16, device_cache=device_cache)
+    loader = dm.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(0)
+        ddp_loader = _update_dataloader(loader, sampler)
+        shards.append(
+            set(torch.cat([image_indices(x) for x, _ in stored_batches(dm, ddp_loader)]).tolist())
+        )
+    everything = set(image_indices(dm.splits["train"].images).tolist())
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == everything
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
 
 
 def test_on_after_batch_transfer_preprocesses(data_dir):
     dm = datamodule(data_dir, binarize="dynamic")
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels = dm.stored(next(iter(dm.train_dataloader())))
     x, y = dm.on_after_batch_transfer((images, labels), 0)
     assert x.dtype == torch.float32 and x.shape == images.shape
     assert set(x.unique().tolist()) <= {0.0, 1.0}

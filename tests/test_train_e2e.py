@@ -232,3 +232,45 @@ def test_evaluate_bad_k_and_empty_sweep(trained_run, data_dir, tmp_path):
     empty.mkdir()
     (empty / "multirun.yaml").write_text("{}\n")
     assert_one_line_error(evaluate(empty, data_dir, tmp_path / "logs"), "no runs")
+
+
+def test_ae_vs_vae_experiment_trains_both_and_the_report_compares_them(data_dir, tmp_path):
+    log_dir = tmp_path / "logs"
+    args = [*tiny(data_dir), f"paths.log_dir={log_dir}", "experiment=ae_vs_vae"]
+    result = run_script("train.py", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (log_dir / "train" / "multiruns").iterdir()
+    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(runs) == 2 and "objective=elbo" in runs[0] and "objective=ae" in runs[1]
+
+    result = evaluate(sweep_dir, data_dir, log_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_dir = only_run_dir(log_dir, "evaluate")
+    with open(eval_dir / "summary.csv") as f:
+        vae_row, ae_row = list(csv.DictReader(f))
+    assert vae_row["status"] == ae_row["status"] == "ok"
+    assert float(vae_row["nll_is"]) > 0 and ae_row["nll_is"] == ""  # undefined for the AE
+    assert float(vae_row["mse"]) > 0 and float(ae_row["mse"]) > 0
+    summary = (eval_dir / "summary.md").read_text()
+    for run in runs:  # both sample grids, side by side in the report
+        assert f"![samples]({run}/samples.png)" in summary
+        assert (eval_dir / run / "samples.png").is_file()
+    ae_report = json.loads((eval_dir / runs[1] / "metrics.json").read_text())
+    assert ae_report["nll_is"].startswith("undefined")
+    assert "test/nll_is" not in ae_report["metrics"] and "test/mse" in ae_report["metrics"]
+
+
+def test_denoising_run_reports_noisy_to_clean_error(data_dir, tmp_path):
+    log_dir = tmp_path / "logs"
+    args = [*tiny(data_dir), f"paths.log_dir={log_dir}", "data.noise=mask", "data.noise_prob=0.5"]
+    assert run_script("train.py", args, cwd=tmp_path).returncode == 0
+    result = evaluate(only_run_dir(log_dir), data_dir, log_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_dir = only_run_dir(log_dir, "evaluate")
+    report = json.loads((eval_dir / "metrics.json").read_text())
+    assert report["denoising"] == "mask" and report["metrics"]["test/mse"] > 0
+    # noisy inputs, reconstructions, clean targets: three rows of 28-pixel images (+ padding)
+    from PIL import Image
+
+    height = Image.open(eval_dir / "reconstructions.png").height
+    assert height == 3 * 28 + 4 * 2

@@ -41,6 +41,10 @@ def build_vae(cfg: DictConfig, image_shape: Iterable[int]) -> VAE:
         latent_dim=latent_dim,
         out_shape=(likelihood.params_per_pixel * c, h, w),
     )
+    if cfg.model.get("compile"):
+        # In place (nn.Module.compile), so parameter names and checkpoints do not change.
+        encoder.compile()
+        decoder.compile()
     return VAE(encoder, decoder, likelihood, prior, (c, h, w), latent_dim)
 
 

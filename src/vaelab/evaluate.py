@@ -88,8 +88,16 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     vae = module.vae.to(device).eval()
     torch.manual_seed(cfg.seed)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    probabilistic = getattr(module.objective, "probabilistic", True)
     results = evaluate_split(
-        vae, loader, datamodule, cfg.eval.k, cfg.eval.max_codes, device, limit=cfg.eval.limit
+        vae,
+        loader,
+        datamodule,
+        cfg.eval.k,
+        cfg.eval.max_codes,
+        device,
+        limit=cfg.eval.limit,
+        probabilistic=probabilistic,
     )
     is_metrics, per_dim = summarise(results, split, datamodule.num_dims, datamodule.bpd_offset)
     metrics.update(is_metrics)
@@ -99,12 +107,19 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         "global_step": checkpoint.get("global_step"),
         "split": split,
         "k": cfg.eval.k,
-        "examples_importance_sampled": len(results.cat("log_likelihood")),
+        "examples_importance_sampled": sum(len(t) for t in results.log_likelihood),
+        "objective": repr(module.objective),
+        "denoising": datamodule.noise if datamodule.noise != "none" else None,
         "pixel_model": datamodule.pixel_model,
         "units": "nats per example; bpd in bits per dimension (from nll_is); mse per pixel",
         "metrics": metrics,
         **per_dim,
     }
+    if not probabilistic:
+        report["nll_is"] = (
+            f"undefined: {module.objective!r} is a deterministic autoencoder with no density "
+            "over its codes, so log p(x) cannot be estimated"
+        )
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     draw(vae, results, per_dim["kl_dim_order"], out_dir, ckpt_path, report, cfg.seed)
     print(format_table(report))
@@ -114,6 +129,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
             name: metrics.get(f"{split}/{name}")
             for name in ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")
         },
+        "samples": str(out_dir / "samples.png"),
         "model_info": {
             "latent_dim": train_cfg.model.latent_dim,
             "beta": train_cfg.objective.get("beta", 1.0),
@@ -148,9 +164,11 @@ def pick_device(accelerator: str) -> torch.device:
 
 def draw(vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: int) -> None:
     """PNG files in out_dir; the same pictures and the metrics in the run's TensorBoard."""
-    examples = results.cat("examples")
+    examples, inputs = results.cat("examples"), results.cat("example_inputs")
     device = next(vae.parameters()).device
-    grids = pictures.image_grids(vae, examples[:16].to(device), kl_order, seed=seed)
+    grids = pictures.image_grids(
+        vae, inputs[:16].to(device), kl_order, seed=seed, targets=examples[:16].to(device)
+    )
     for name, image in grids.items():
         pictures.save_png(image, out_dir / f"{name}.png")
     means, labels = results.cat("posterior_mean"), results.cat("labels")
@@ -179,8 +197,11 @@ def format_table(report: dict[str, Any]) -> str:
     width = max(len(name) for name in metrics)
     lines = [
         f"checkpoint: {report['checkpoint']}",
+        f"objective: {report['objective']}",
         f"data: {report['pixel_model']}",
-        f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "
+        f"nll_is: {report['nll_is']}"
+        if "nll_is" in report
+        else f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "
         f"{report['split']} examples",
     ]
     lines += [f"  {name:<{width}}  {value:12.4f}" for name, value in sorted(metrics.items())]

@@ -9,7 +9,9 @@ ELBO (Kingma & Welling 2013):  ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))  <
 - loss = distortion + beta * rate, averaged over the batch. beta scales the rate against this
   nats-per-example scale: beta=1 is the true bound, beta>1 the beta-VAE of Higgins et al. (2017).
 
-`elbo` is always reported with beta=1, so runs of different beta compare on one scale.
+`elbo` is always reported with beta=1, so runs of different beta compare on one scale, whatever
+the objective: ELBO (with KL schedules and free bits), IWAE, or the plain Autoencoder (which has
+no ELBO and reports its distortion only).
 """
 
 from __future__ import annotations
@@ -24,39 +26,203 @@ from vaelab.errors import require
 from vaelab.vae import VAE
 
 
-class ELBO:
-    """Negative (beta-weighted) evidence lower bound with L = `n_samples` Monte-Carlo samples."""
+class KLSchedule:
+    """The rate weight beta(step): constant, linear warm-up, or cyclical.
 
-    def __init__(self, beta: float = 1.0, n_samples: int = 1) -> None:
+    - `linear` with `warmup_steps` = W > 0: beta * min(1, step / W), KL annealing from 0 to beta
+      (Bowman et al. 2016); with W = 0, the constant beta.
+    - `cyclical` (Fu et al. 2019): the step's position tau in its cycle of `cycle_steps` steps;
+      beta * min(1, tau / ratio): a linear ramp over the first `ratio` of each cycle, then beta.
+    """
+
+    SCHEDULES = ("linear", "cyclical")
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        schedule: str = "linear",
+        warmup_steps: int = 0,
+        cycle_steps: int = 10000,
+        cycle_ratio: float = 0.5,
+    ) -> None:
         require(beta >= 0, f"objective.beta must be >= 0, got {beta}")
+        require(
+            schedule in self.SCHEDULES,
+            f"objective.kl_schedule must be one of {', '.join(self.SCHEDULES)}, got {schedule!r}",
+        )
+        require(warmup_steps >= 0, f"objective.kl_warmup_steps must be >= 0, got {warmup_steps}")
+        require(cycle_steps >= 1, f"objective.kl_cycle_steps must be >= 1, got {cycle_steps}")
+        require(
+            0 < cycle_ratio <= 1, f"objective.kl_cycle_ratio must be in (0, 1], got {cycle_ratio}"
+        )
+        self.beta = float(beta)
+        self.schedule = schedule
+        self.warmup_steps = warmup_steps
+        self.cycle_steps = cycle_steps
+        self.cycle_ratio = cycle_ratio
+
+    def __call__(self, step: int | None) -> float:
+        """beta at a training step; None (evaluation) gives the target beta."""
+        if step is None:
+            return self.beta
+        if self.schedule == "cyclical":
+            tau = (step % self.cycle_steps) / self.cycle_steps
+            return self.beta * min(1.0, tau / self.cycle_ratio)
+        if self.warmup_steps == 0:
+            return self.beta
+        return self.beta * min(1.0, step / self.warmup_steps)
+
+
+class ELBO:
+    """Negative (beta-weighted) evidence lower bound with L = `n_samples` Monte-Carlo samples.
+
+    `free_bits` = lambda > 0 (Kingma et al. 2016): the rate term of the loss is
+    sum_d max(lambda, KL_d), KL_d the batch mean of dimension d's KL, so dimensions below lambda
+    nats get no gradient towards the prior. The reported rate and ELBO are always the true,
+    un-clamped ones.
+    """
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        n_samples: int = 1,
+        kl_schedule: str = "linear",
+        kl_warmup_steps: int = 0,
+        kl_cycle_steps: int = 10000,
+        kl_cycle_ratio: float = 0.5,
+        free_bits: float = 0.0,
+    ) -> None:
         require(
             isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1,
             f"objective.n_samples must be an integer >= 1, got {n_samples}",
         )
-        self.beta = float(beta)
+        require(free_bits >= 0, f"objective.free_bits must be >= 0, got {free_bits}")
+        self.schedule = KLSchedule(
+            beta, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ratio
+        )
         self.n_samples = n_samples
+        self.free_bits = float(free_bits)
 
-    def __call__(self, vae: VAE, x: Tensor) -> dict[str, Tensor]:
-        """Per-example parts (each shape (B,)) and the batch-mean `loss` to minimise."""
+    @property
+    def beta(self) -> float:
+        return self.schedule.beta
+
+    def __call__(
+        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+    ) -> dict[str, Tensor]:
+        """Per-example parts (each shape (B,)) and the batch-mean `loss` to minimise.
+
+        x is the encoder's input; target (default x) is what the likelihood scores (they differ
+        for a denoising autoencoder). step drives the KL schedule (None: the target beta).
+        """
+        target = x if target is None else target
         q = vae.posterior(x)  # batch (B,), event (latent_dim,)
+        prior = vae.prior()
         z = q.rsample((self.n_samples,))  # (L, B, latent_dim)
-        distortion = -vae.decode(z).log_prob(x).mean(0)  # (B,)
-        rate = kl_divergence(q, vae.prior())  # (B,)
-        loss = (distortion + self.beta * rate).mean()
-        return dict(loss=loss, elbo=-(distortion + rate), rate=rate, distortion=distortion)
+        distortion = -vae.decode(z).log_prob(target).mean(0)  # (B,)
+        rate = kl_divergence(q, prior)  # (B,)
+        if self.free_bits > 0:
+            per_dim = kl_divergence(q.base_dist, prior.base_dist).mean(0)  # (latent_dim,)
+            penalty = per_dim.clamp(min=self.free_bits).sum()
+        else:
+            penalty = rate.mean()
+        beta = self.schedule(step)
+        loss = distortion.mean() + beta * penalty
+        return dict(
+            loss=loss,
+            elbo=-(distortion + rate),
+            rate=rate,
+            distortion=distortion,
+            beta=torch.tensor(beta),
+        )
 
     def __repr__(self) -> str:
-        return f"ELBO(beta={self.beta}, n_samples={self.n_samples})"
+        return f"ELBO(beta={self.beta}, n_samples={self.n_samples}, free_bits={self.free_bits})"
+
+
+class IWAE:
+    """Importance-weighted autoencoder bound (Burda et al. 2015) as the training objective.
+
+    loss = -L_k = -log (1/k) sum_i p(x, z_i) / q(z_i|x) with k reparameterised draws, so the
+    gradient flows through every sample, weighted by its normalised importance weight. With k=1
+    it is the single-sample ELBO with a Monte-Carlo KL. Also reports the ELBO (closed-form KL,
+    beta=1, from the same draws' likelihoods) and `iwae` = L_k, per example.
+    """
+
+    def __init__(self, k: int = 50) -> None:
+        require(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+            f"objective.k must be an integer >= 1, got {k}",
+        )
+        self.k = k
+
+    def __call__(
+        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+    ) -> dict[str, Tensor]:
+        target = x if target is None else target
+        q = vae.posterior(x)
+        prior = vae.prior()
+        z = q.rsample((self.k,))  # (k, B, latent_dim)
+        log_px = vae.decode(z).log_prob(target)  # (k, B)
+        log_w = log_px + prior.log_prob(z) - q.log_prob(z)
+        bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)  # (B,)
+        distortion = -log_px.mean(0)
+        rate = kl_divergence(q, prior)
+        return dict(
+            loss=-bound.mean(),
+            elbo=-(distortion + rate),
+            rate=rate,
+            distortion=distortion,
+            iwae=bound.detach(),
+        )
+
+    def __repr__(self) -> str:
+        return f"IWAE(k={self.k})"
+
+
+class Autoencoder:
+    """The deterministic autoencoder baseline: the posterior mean is the code, no sampling, no
+    KL. loss = -log p(x|z) (`reconstruction: likelihood`) or the squared error of p(x|z)'s mean
+    summed over pixels (`reconstruction: mse`). There is no ELBO and no likelihood estimate: its
+    latent space is not fitted to a prior, which is why decoding z ~ p(z) gives poor samples.
+    """
+
+    RECONSTRUCTIONS = ("likelihood", "mse")
+    #: evaluate.py reports no importance-sampled log-likelihood for this objective.
+    probabilistic = False
+
+    def __init__(self, reconstruction: str = "likelihood") -> None:
+        require(
+            reconstruction in self.RECONSTRUCTIONS,
+            f"objective.reconstruction must be one of {', '.join(self.RECONSTRUCTIONS)}, "
+            f"got {reconstruction!r}",
+        )
+        self.reconstruction = reconstruction
+
+    def __call__(
+        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+    ) -> dict[str, Tensor]:
+        target = x if target is None else target
+        p = vae.decode(vae.posterior(x).mean)
+        distortion = -p.log_prob(target)  # (B,)
+        squared_error = (p.mean - target).pow(2).flatten(1).sum(-1)  # (B,)
+        loss = distortion if self.reconstruction == "likelihood" else squared_error
+        return dict(loss=loss.mean(), distortion=distortion, squared_error=squared_error)
+
+    def __repr__(self) -> str:
+        return f"Autoencoder(reconstruction={self.reconstruction!r})"
 
 
 def log_importance_weights(vae: VAE, x: Tensor, q: Distribution, n: int) -> Tensor:
-    """log w_i = log p(x, z_i) - log q(z_i|x) for n draws z_i ~ q(z|x): shape (n, B)."""
+    """log w_i = log p(x, z_i) - log q(z_i) for n draws z_i ~ q: shape (n, B)."""
     z = q.sample((n,))  # (n, B, latent_dim)
     return vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
 
 
 @torch.no_grad()
-def iwae_bound(vae: VAE, x: Tensor, k: int, max_codes: int = 5000) -> dict[str, Tensor]:
+def iwae_bound(
+    vae: VAE, x: Tensor, k: int, max_codes: int = 5000, inputs: Tensor | None = None
+) -> dict[str, Tensor]:
     """Importance-weighted bound L_k (Burda et al. 2015) per example, and the ELBO from the same
     weights.
 
@@ -65,9 +231,11 @@ def iwae_bound(vae: VAE, x: Tensor, k: int, max_codes: int = 5000) -> dict[str, 
     samples are drawn in chunks of at most `max_codes` codes per decoder call (chunk of samples
     times batch size), combined with a running log-sum-exp, so memory stays bounded for any k.
     Returns `log_likelihood` (L_k) and `elbo` (the mean log-weight, a Monte-Carlo ELBO), each (B,).
+    The proposal is q(z|inputs) (default x): any proposal gives an unbiased estimate of p(x), so
+    a denoising model's q(z|noisy x) estimates the likelihood of the clean x.
     """
     require(isinstance(k, int) and k >= 1, f"eval.k must be an integer >= 1, got {k!r}")
-    q = vae.posterior(x)
+    q = vae.posterior(x if inputs is None else inputs)
     chunk = max(1, min(k, max_codes // len(x)))
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +25,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one model; return the final epoch's metrics (and test metrics if cfg.test)."""
+    torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)

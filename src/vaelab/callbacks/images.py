@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torchvision
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
@@ -17,8 +18,9 @@ from vaelab.errors import require
 
 
 class ImageLogger(L.Callback):
-    """Every `every_n_epochs` validation epochs, log `images/reconstructions` (input rows above
-    reconstruction rows) and `images/samples` (means of p(x|z), z ~ p(z))."""
+    """Every `every_n_epochs` validation epochs, log `images/reconstructions` (inputs above their
+    reconstructions, and the clean targets below when the inputs are corrupted) and
+    `images/samples` (means of p(x|z), z ~ p(z))."""
 
     def __init__(self, n_images: int = 16, n_samples: int = 64, every_n_epochs: int = 1) -> None:
         require(n_images >= 1, f"callbacks image n_images must be >= 1, got {n_images}")
@@ -28,6 +30,7 @@ class ImageLogger(L.Callback):
         self.n_samples = n_samples
         self.every_n_epochs = every_n_epochs
         self.inputs: Tensor | None = None
+        self.targets: Tensor | None = None
         self.codes: Tensor | None = None
 
     @rank_zero_only
@@ -39,14 +42,19 @@ class ImageLogger(L.Callback):
             return
         vae = pl_module.vae
         if self.inputs is None:
-            batch = next(iter(trainer.datamodule.val_dataloader()))[0][: self.n_images]
-            self.inputs = trainer.datamodule.preprocess(batch.to(pl_module.device))
+            batch = next(iter(trainer.datamodule.val_dataloader()))
+            inputs, targets, _ = trainer.datamodule.fetch(
+                move_data_to_device(batch, pl_module.device)
+            )
+            self.inputs, self.targets = inputs[: self.n_images], targets[: self.n_images]
             self.codes = vae.prior().sample((self.n_samples,))
         with torch.no_grad():
             reconstructions = vae.reconstruct(self.inputs)
             samples = vae.decode(self.codes).mean
         step = trainer.global_step
-        writer.add_image("images/reconstructions", pair_grid(self.inputs, reconstructions), step)
+        writer.add_image(
+            "images/reconstructions", pair_grid(self.inputs, reconstructions, self.targets), step
+        )
         writer.add_image("images/samples", grid(samples), step)
 
 
@@ -55,9 +63,13 @@ def grid(images: Tensor, nrow: int = 8) -> Tensor:
     return torchvision.utils.make_grid(images.detach().clamp(0, 1).cpu(), nrow=nrow, pad_value=1)
 
 
-def pair_grid(inputs: Tensor, reconstructions: Tensor) -> Tensor:
-    """Two rows: the inputs above their reconstructions."""
-    return grid(torch.cat([inputs, reconstructions]), nrow=len(inputs))
+def pair_grid(inputs: Tensor, reconstructions: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Rows: the inputs, their reconstructions, and (when the inputs were corrupted, as for a
+    denoising autoencoder) the clean targets."""
+    rows = [inputs, reconstructions]
+    if targets is not None and not torch.equal(targets, inputs):
+        rows.append(targets)
+    return grid(torch.cat(rows), nrow=len(inputs))
 
 
 def tensorboard_writer(trainer: L.Trainer):

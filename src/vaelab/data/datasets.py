@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -121,3 +122,47 @@ class InMemoryImages(torch.utils.data.Dataset):
 def as_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """collate_fn for InMemoryImages: the batch is already stacked."""
     return batch
+
+
+@dataclass
+class IndexBatch:
+    """A batch as indices into one split's tensors, which stay on the training device
+    (`data.device_cache`): only the indices travel per step. Lightning moves the dataclass's
+    tensors to the device like any batch."""
+
+    split: str
+    index: Tensor
+
+
+class SplitIndices(torch.utils.data.Dataset):
+    """The indices 0..n-1 of a split, fetched a batch at a time as an IndexBatch."""
+
+    def __init__(self, split: str, n: int) -> None:
+        self.split = split
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> IndexBatch:
+        return IndexBatch(self.split, torch.tensor([index]))
+
+    def __getitems__(self, indices: list[int]) -> IndexBatch:
+        return IndexBatch(self.split, torch.as_tensor(indices))
+
+
+class FixedBinarization(torch.utils.data.Dataset):
+    """Per-example binarisation of a per-sample dataset that is the same on every read: image i
+    uses a generator seeded with (seed, i). For the torchvision path (`data.in_memory=false`)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[index]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.bernoulli(image.float() / 255, generator=g).bool(), label

@@ -33,12 +33,15 @@ EMBEDDING_POINTS = 2000
 
 
 @torch.no_grad()
-def image_grids(vae: VAE, inputs: Tensor, kl_order: list[int], seed: int = 0) -> dict[str, Tensor]:
-    """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device."""
+def image_grids(
+    vae: VAE, inputs: Tensor, kl_order: list[int], seed: int = 0, targets: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device
+    (and their clean targets, shown below the reconstructions when the inputs are corrupted)."""
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(64, vae.latent_dim, generator=generator).to(inputs.device)
     grids = {
-        "reconstructions": pair_grid(inputs[:16], vae.reconstruct(inputs[:16])),
+        "reconstructions": pair_grid(inputs[:16], vae.reconstruct(inputs[:16]), targets),
         "samples": grid(vae.decode(z).mean),
     }
     if vae.latent_dim == 2:

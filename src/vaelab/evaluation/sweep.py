@@ -72,28 +72,34 @@ def evaluate_sweep(
 def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     keys = ["run"]
     for row in rows:
-        keys += [k for k in row if k not in keys and k not in (*COLUMNS, "status", "model_info")]
+        keys += [
+            k
+            for k in row
+            if k not in keys and k not in (*COLUMNS, "status", "model_info", "samples")
+        ]
     keys += [*COLUMNS, "status"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = ["| " + " | ".join([*keys, "samples"]) + " |", "|" + "---|" * (len(keys) + 1)]
     for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(k)) for k in keys) + " |")
+        samples = f"![samples]({row['run']}/samples.png)" if row.get("samples") else "—"
+        lines.append("| " + " | ".join([*(cell(row.get(k)) for k in keys), samples]) + " |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def cell(value: Any) -> str:
+    """A table cell; a metric that is undefined for the run (e.g. an autoencoder's NLL) is —."""
     if value is None:
         return "—"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> None:
-    """rate vs distortion (Alemi et al. 2018); NLL vs latent_dim; NLL vs beta."""
-    done = [r for r in rows if r.get("status") == "ok"]
-    if not done:
+    """rate vs distortion (Alemi et al. 2018); NLL vs latent_dim; NLL vs beta (VAE runs)."""
+    done = [r for r in rows if r.get("status") == "ok" and r.get("rate") is not None]
+    if not done:  # nothing evaluated, or only plain autoencoders (no rate, no likelihood)
         return
     figure, axes = plt.subplots(figsize=(6, 5))
     for row in done:
