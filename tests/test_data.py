@@ -541,7 +541,7 @@ def test_fast_paths_give_the_same_batches_as_torchvision(uncompressed_root, bina
         dm = datamodule(uncompressed_root, None, binarize=binarize, dequantize=False, **kwargs)
         torch.manual_seed(0)
         batches = {
-            split: [dm.fetch(batch) for batch in loader()]
+            split: [dm.fetch(batch)[1:] for batch in loader()]  # (targets, labels)
             for split, loader in (
                 ("train", dm.train_dataloader),
                 ("val", dm.val_dataloader),
@@ -587,7 +587,8 @@ def test_ddp_shards_are_disjoint_and_cover_the_split(indexed_root, device_cache)
 def test_on_after_batch_transfer_preprocesses(data_dir):
     dm = datamodule(data_dir, binarize="dynamic")
     images, labels = dm.stored(next(iter(dm.train_dataloader())))
-    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    inputs, x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert inputs is x  # no denoising corruption configured
     assert x.dtype == torch.float32 and x.shape == images.shape
     assert set(x.unique().tolist()) <= {0.0, 1.0}
     assert y is labels

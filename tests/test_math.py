@@ -314,7 +314,7 @@ def test_elbo_parts_shapes_and_beta_relations():
     torch.manual_seed(0)
     vae, x = small_vae(), binary_batch(n=6)
     out = ELBO(beta=3.0, n_samples=4)(vae, x)
-    assert set(out) == {"loss", "elbo", "rate", "distortion"}
+    assert set(out) == {"loss", "elbo", "rate", "distortion", "beta"}
     for key in ("elbo", "rate", "distortion"):
         assert out[key].shape == (6,), key
     assert out["loss"].shape == ()

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from vaelab.errors import CheckpointError  # noqa: E402
+from vaelab.sweeps import read_failures  # noqa: E402
 
 COLUMNS = ["elbo", "nll_is", "rate", "distortion", "active_units", "mse"]
 
@@ -53,9 +54,12 @@ def evaluate_sweep(
 ) -> list[dict[str, Any]]:
     """Evaluate every run of the sweep (`evaluate_run(run_dir, out_dir)`); failures are rows."""
     rows = []
+    failures = read_failures(path)
     for run_dir in sweep_runs(path):
         row: dict[str, Any] = {"run": run_dir.name, **overrides(run_dir)}
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        if run_dir.name in failures:
+            row["status"] = f"failed: {failures[run_dir.name]}"
+        elif not (run_dir / "checkpoints" / "last.ckpt").is_file():
             row["status"] = "no checkpoint (failed or unfinished)"
         else:
             try:

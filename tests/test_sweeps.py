@@ -1,0 +1,149 @@
+"""Sweeps: every run in its own named dir with its own TensorBoard events and HParams, the
+experiment presets, the joblib launcher, the Optuna search, the SLURM launcher config, and a
+sweep with a failing run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_train, run_script, tiny
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_dir(log_dir: Path, task: str = "train") -> Path:
+    (path,) = (log_dir / task / "multiruns").iterdir()
+    return path
+
+
+def run_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if (p / ".hydra").is_dir())
+
+
+def sweep(data_dir: Path, tmp_path: Path, *args: str):
+    log_dir = tmp_path / "logs"
+    common = [*tiny(data_dir), f"paths.log_dir={log_dir}", "trainer.max_epochs=1"]
+    return run_script("train.py", ["-m", *common, *args], cwd=tmp_path), log_dir
+
+
+def test_grid_sweep_lands_in_tensorboard_hparams(data_dir, tmp_path):
+    """2x2 grid; TensorBoard's own reader over the sweep dir finds 4 runs, each with its swept
+    values as hparams and the metrics to compare."""
+    result, log_dir = sweep(data_dir, tmp_path, "model.latent_dim=2,8", "objective.beta=0.5,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = sweep_dir(log_dir)
+    runs = run_dirs(path)
+    assert [r.name.split("_", 1)[0] for r in runs] == ["0", "1", "2", "3"]
+    assert all("model.latent_dim=" in r.name and "objective.beta=" in r.name for r in runs)
+
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(path))
+    multiplexer.Reload()
+    found = {}
+    for run, tags in multiplexer.Runs().items():
+        content = multiplexer.PluginRunToTagToContent("hparams").get(run)
+        if not content:
+            continue
+        parse = plugin_data_pb2.HParamsPluginData.FromString
+        session = parse(content["_hparams_/session_start_info"]).session_start_info
+        experiment = parse(content["_hparams_/experiment"]).experiment
+        metrics = {info.name.tag for info in experiment.metric_infos}
+        assert {"val/elbo", "val/elbo_best", "val/rate", "val/distortion"} <= metrics
+        assert metrics <= set(tags["scalars"])  # each metric has values in that run
+        found[run] = (
+            session.hparams["model/latent_dim"].number_value,
+            session.hparams["objective/beta"].number_value,
+        )
+    assert sorted(found.values()) == [(2, 0.5), (2, 1), (8, 0.5), (8, 1)]
+
+
+@pytest.mark.parametrize(
+    "experiment,expected_runs", [("beta_sweep", 4), ("latent_sweep", 4), ("debug", 1)]
+)
+def test_experiment_presets_run(experiment, expected_runs, data_dir, tmp_path):
+    log_dir = tmp_path / "logs"
+    # a command-line value of a swept key would replace the preset's grid
+    overrides = [o for o in tiny(data_dir) if not o.startswith("model.latent_dim=")]
+    args = [
+        *overrides,
+        f"paths.log_dir={log_dir}",
+        "trainer.max_epochs=1",
+        f"experiment={experiment}",
+    ]
+    result = run_script("train.py", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if expected_runs == 1:
+        (run,) = (log_dir / "debug" / "runs").iterdir()
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+    else:
+        runs = run_dirs(sweep_dir(log_dir))
+        assert len(runs) == expected_runs
+        assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+        assert not any("experiment=" in r.name for r in runs)
+
+
+def test_joblib_launcher_runs_in_parallel(data_dir, tmp_path):
+    result, log_dir = sweep(
+        data_dir,
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model.latent_dim=2,3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = run_dirs(sweep_dir(log_dir))
+    assert len(runs) == 2
+    assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
+    assert all(any((r / "tensorboard").glob("events.out.tfevents.*")) for r in runs)
+
+
+def test_optuna_search_optimises_the_returned_metric(data_dir, tmp_path):
+    result, log_dir = sweep(
+        data_dir,
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = sweep_dir(log_dir)
+    assert len(run_dirs(path)) == 2
+    results = (path / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "best_value" in results
+
+
+def test_slurm_launcher_config_composes():
+    cfg = compose_train(["hydra/launcher=slurm", "trainer.devices=4", "+trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2
+    assert launcher.signal_delay_s == 120
+
+
+def test_failing_run_is_reported_and_the_others_finish(data_dir, tmp_path):
+    result, log_dir = sweep(data_dir, tmp_path, "model.latent_dim=2,0,3")
+    assert result.returncode != 0  # the sweep as a whole failed...
+    assert "model.latent_dim must be an integer >= 1, got 0" in result.stderr
+    path = sweep_dir(log_dir)
+    runs = run_dirs(path)
+    assert len(runs) == 3
+    finished = [r for r in runs if (r / "checkpoints" / "last.ckpt").is_file()]
+    assert [r.name.split("_")[0] for r in finished] == ["0", "2"]  # ...the others completed
+    (failure,) = [json.loads(line) for line in (path / "failures.jsonl").read_text().splitlines()]
+    assert failure["job"] == 1 and "model.latent_dim=0" in failure["overrides"]
+    assert "latent_dim must be an integer >= 1, got 0" in failure["error"]
+    assert failure["run_dir"] == runs[1].name
+
+    result = run_script(
+        "evaluate.py",
+        [f"run={path}", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}", "eval.k=5"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (eval_dir,) = (log_dir / "evaluate" / "runs").iterdir()
+    table = (eval_dir / "summary.md").read_text()
+    assert "failed: ConfigError: model.latent_dim must be an integer >= 1, got 0" in table
