@@ -501,11 +501,41 @@ def test_device_cache_loader_yields_only_indices(indexed_root):
 
 
 def test_train_loader_shuffles_between_epochs(indexed_root):
-    dm = datamodule(indexed_root, binarize="none", batch_size=64)
-    torch.manual_seed(0)
-    first = torch.cat([image_indices(x) for x, _ in stored_batches(dm, dm.train_dataloader())])
-    second = torch.cat([image_indices(x) for x, _ in stored_batches(dm, dm.train_dataloader())])
+    dm = datamodule(indexed_root, binarize="none", batch_size=64, shuffle_seed=3)
+    loader = dm.train_dataloader()
+    first = torch.cat([image_indices(x) for x, _ in stored_batches(dm, loader)])
+    second = torch.cat([image_indices(x) for x, _ in stored_batches(dm, loader)])
     assert not torch.equal(first, second)
+    # the order is a function of (shuffle_seed, epoch) alone, not of the global random state
+    torch.manual_seed(123)
+    again = datamodule(indexed_root, binarize="none", batch_size=64, shuffle_seed=3)
+    replay = torch.cat(
+        [image_indices(x) for x, _ in stored_batches(again, again.train_dataloader())]
+    )
+    assert torch.equal(first, replay)
+
+
+def test_resumable_loader_restarts_mid_epoch(indexed_root):
+    """A loader restored from another loader's state continues that epoch's order exactly."""
+    dm = datamodule(indexed_root, binarize="none", batch_size=16, shuffle_seed=5)
+    loader = dm.train_dataloader()
+    list(loader)  # epoch 0
+    iterator = iter(loader)  # epoch 1
+    taken = [image_indices(dm.stored(next(iterator))[0]) for _ in range(3)]
+    loader.taken = 3  # what the DataModule counts as batches reach training steps
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "taken": 3}
+
+    reference = datamodule(indexed_root, binarize="none", batch_size=16, shuffle_seed=5)
+    reference_loader = reference.train_dataloader()
+    list(reference_loader)
+    epoch_1 = [image_indices(reference.stored(b)[0]) for b in reference_loader]
+
+    resumed = datamodule(indexed_root, binarize="none", batch_size=16, shuffle_seed=5)
+    resumed_loader = resumed.train_dataloader()
+    resumed_loader.load_state_dict(state)
+    rest = [image_indices(resumed.stored(b)[0]) for b in resumed_loader]
+    assert torch.equal(torch.cat(taken + rest), torch.cat(epoch_1))
 
 
 def test_eval_loaders_keep_order_and_use_eval_batch_size(indexed_root):

@@ -62,6 +62,7 @@ def build_module(
         )
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return VAEModule(
+        check_finite=bool(cfg.get("check_finite", True)),
         vae=vae,
         objective=instantiate(cfg.objective),
         optimizer=instantiate(cfg.optimizer),
@@ -71,16 +72,16 @@ def build_module(
     )
 
 
-def check_targets(config: Mapping[str, Any] | list, where: str) -> None:
-    """Refuse any `_target_` outside TRUSTED_PACKAGES (configs read back are untrusted input)."""
+def check_targets(
+    config: Mapping[str, Any] | list, where: str, packages: tuple[str, ...] = TRUSTED_PACKAGES
+) -> None:
+    """Refuse any `_target_` outside `packages` (configs read back are untrusted input)."""
     items = config.items() if isinstance(config, Mapping) else enumerate(config)
     for key, value in items:
-        if key == "_target_" and not (
-            isinstance(value, str) and value.startswith(TRUSTED_PACKAGES)
-        ):
+        if key == "_target_" and not (isinstance(value, str) and value.startswith(packages)):
             raise ConfigError(
                 f"{where}: refusing to instantiate _target_={value!r}; only classes from "
-                f"{', '.join(p.rstrip('.') for p in TRUSTED_PACKAGES)} are allowed"
+                f"{', '.join(p.rstrip('.') for p in packages)} are allowed"
             )
         if isinstance(value, Mapping | list):
-            check_targets(value, where)
+            check_targets(value, where, packages)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.build import check_targets
@@ -70,3 +71,19 @@ def checkpoint_config(checkpoint: dict[str, Any], path: Path) -> DictConfig:
     config = {key: value for key, value in config.items() if key in BUILT_GROUPS}
     check_targets(config, str(path))
     return OmegaConf.create(config)
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer (a temporary file renamed into place, so a failed write
+    never leaves a half-written checkpoint) with a one-line error for a read-only or full
+    output location."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason}; the previous checkpoints are "
+                "unchanged (free space or choose another paths.log_dir)"
+            ) from e

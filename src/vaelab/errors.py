@@ -19,6 +19,10 @@ class CheckpointError(VaelabError):
     """A run dir or checkpoint cannot be used (missing, foreign, or mismatched)."""
 
 
+class NonFiniteError(VaelabError):
+    """Training produced NaN or infinite values."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:
@@ -35,3 +39,19 @@ def find_user_error(exc: BaseException) -> VaelabError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def require_int(name: str, value: object, minimum: int) -> None:
+    """`value` is an integer (not a bool) >= minimum, else a ConfigError naming `name`."""
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+def require_number(name: str, value: object, minimum: float) -> None:
+    """`value` is a real number >= minimum, else a ConfigError naming `name`."""
+    require(
+        isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be a number >= {minimum:g}, got {value!r}",
+    )

@@ -11,13 +11,16 @@ ELBO (the plain autoencoder) logs only its loss and distortion.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
+from vaelab.errors import NonFiniteError
 from vaelab.vae import VAE
 
 Objective = Callable[..., dict[str, Tensor]]  # (vae, inputs, targets, step) -> named parts
@@ -36,11 +39,14 @@ class VAEModule(L.LightningModule):
         bpd_offset: float | None = None,
         run_config: dict[str, Any] | None = None,
         eval_seed: int | None = 0,
+        check_finite: bool = True,
     ) -> None:
         """`bpd_offset`: from the DataModule (None: no bits per dimension for these data).
         `eval_seed`: validation and test draw their Monte-Carlo samples from this seed (then the
         training random state is restored), so the same checkpoint always gets the same numbers
         and successive validation epochs compare on common random numbers.
+        `check_finite`: stop training with a NonFiniteError naming the step, the term and the
+        batch when the loss, rate or distortion is NaN or infinite (one host sync per step).
         `run_config`: the resolved run config, saved as hyper-parameters, so checkpoints carry
         it and TensorBoard's HParams tab shows it."""
         super().__init__()
@@ -52,6 +58,7 @@ class VAEModule(L.LightningModule):
         self.bpd_offset = bpd_offset
         self.num_dims = math.prod(vae.image_shape)
         self.eval_seed = eval_seed
+        self.check_finite = check_finite
         self._saved_rng: tuple[Tensor, list[Tensor]] | None = None
         if run_config is not None:
             self.save_hyperparameters(run_config)
@@ -62,6 +69,8 @@ class VAEModule(L.LightningModule):
         parts = self.objective(
             self.vae, inputs, targets, step=self.global_step if training else None
         )
+        if training and self.check_finite:
+            self._check_finite(parts, inputs, batch)
         # Training curves are per step, logged only on the steps the logger writes
         # (trainer.log_every_n_steps): each self.log call costs ~0.5 ms of Python, more than a
         # small VAE's step. Validation and test values are means over the whole split (weighted
@@ -82,6 +91,46 @@ class VAEModule(L.LightningModule):
             batch_size=len(inputs),
         )
         return parts["loss"]
+
+    def _check_finite(self, parts: dict[str, Tensor], inputs: Tensor, batch) -> None:
+        terms = {name: parts[name] for name in ("loss", "rate", "distortion") if name in parts}
+        values = torch.stack([value.detach().sum() for value in terms.values()])
+        if bool(torch.isfinite(values).all()):  # the one host sync of the check
+            return
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        summary = ", ".join(f"{n}={v.detach().float().mean().item():.4g}" for n, v in terms.items())
+        stats = (
+            f"min={inputs.min().item():.3g} max={inputs.max().item():.3g} "
+            f"mean={inputs.float().mean().item():.3g}, {len(inputs)} images"
+        )
+        checkpoint = self.trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") or "none written yet"
+        raise NonFiniteError(
+            f"non-finite {' and '.join(bad)} at step {self.global_step} (epoch "
+            f"{self.current_epoch}): {summary}; batch {stats}; the last good checkpoint is "
+            f"kept: {last}"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to save non-finite weights (so a NaN never replaces the last good checkpoint),
+        and store the random states, so a resumed run draws the same numbers."""
+        bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save a checkpoint at step {self.global_step}: non-finite weights "
+                f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+            )
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            self._resumed_rng = checkpoint["rng_states"]
+
+    def on_train_start(self) -> None:
+        # Restored here, after everything that runs between loading and the first step.
+        if getattr(self, "_resumed_rng", None) is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.step(batch, "train")
@@ -132,3 +181,24 @@ class VAEModule(L.LightningModule):
                 "monitor": "val/elbo",
             },
         }
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) random states as tensors and plain values, so that a
+    checkpoint holding them still loads with torch.load(weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(states["python"])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, kl_divergence
 
-from vaelab.errors import require
+from vaelab.errors import require, require_int, require_number
 from vaelab.vae import VAE
 
 
@@ -45,13 +45,13 @@ class KLSchedule:
         cycle_steps: int = 10000,
         cycle_ratio: float = 0.5,
     ) -> None:
-        require(beta >= 0, f"objective.beta must be >= 0, got {beta}")
+        require_number("objective.beta", beta, 0)
         require(
             schedule in self.SCHEDULES,
             f"objective.kl_schedule must be one of {', '.join(self.SCHEDULES)}, got {schedule!r}",
         )
-        require(warmup_steps >= 0, f"objective.kl_warmup_steps must be >= 0, got {warmup_steps}")
-        require(cycle_steps >= 1, f"objective.kl_cycle_steps must be >= 1, got {cycle_steps}")
+        require_int("objective.kl_warmup_steps", warmup_steps, 0)
+        require_int("objective.kl_cycle_steps", cycle_steps, 1)
         require(
             0 < cycle_ratio <= 1, f"objective.kl_cycle_ratio must be in (0, 1], got {cycle_ratio}"
         )
@@ -96,7 +96,7 @@ class ELBO:
             isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1,
             f"objective.n_samples must be an integer >= 1, got {n_samples}",
         )
-        require(free_bits >= 0, f"objective.free_bits must be >= 0, got {free_bits}")
+        require_number("objective.free_bits", free_bits, 0)
         self.schedule = KLSchedule(
             beta, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ratio
         )

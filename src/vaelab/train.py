@@ -9,9 +9,12 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.build import build_datamodule, build_module
+from vaelab.errors import CheckpointError
+from vaelab.resume import checkpoint_step, resume_config
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +26,18 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
 
 
+def purge_after(logger, step: int):
+    """A TensorBoard logger whose writer marks a restart at `step` (TensorBoard then discards
+    the older events logged at later steps); other loggers unchanged."""
+    if isinstance(logger, TensorBoardLogger):
+        logger._kwargs["purge_step"] = step
+    return logger
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one model; return the final epoch's metrics (and test metrics if cfg.test)."""
+    if cfg.get("resume"):
+        cfg = resume_config(cfg)
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -38,13 +51,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
         }
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule, run_config=run_config)
+    loggers = instantiate_group(cfg.get("logger"))
+    if cfg.get("ckpt_path"):
+        # Continuing: TensorBoard drops the events the interrupted run logged after this
+        # checkpoint, so the curves have no duplicated steps.
+        step = checkpoint_step(cfg.ckpt_path)
+        loggers = [purge_after(logger, step) for logger in loggers]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        logger=loggers or False,
     )
     log.info("Output dir: %s", cfg.paths.output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{cfg.ckpt_path} holds another model than this config builds ({detail})"
+        ) from e
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     if cfg.get("test"):
         ckpt = (

@@ -48,7 +48,8 @@ from vaelab.data.datasets import (
     missing_files,
     raw_folder,
 )
-from vaelab.errors import DataError, require
+from vaelab.data.loaders import EpochSampler, ResumableLoader
+from vaelab.errors import DataError, require, require_int, require_number
 
 BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
@@ -77,24 +78,25 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         noise: str = "none",
         noise_std: float = 0.3,
         noise_prob: float = 0.25,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         require(
             binarize in BINARIZE_MODES,
             f"data.binarize must be one of {', '.join(BINARIZE_MODES)}; got {binarize!r}",
         )
-        require(batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}")
-        require(
-            eval_batch_size is None or eval_batch_size >= 1,
-            f"data.eval_batch_size must be >= 1 or null, got {eval_batch_size}",
-        )
-        require(val_size >= 1, f"data.val_size must be >= 1, got {val_size}")
-        require(num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}")
+        require_int("data.batch_size", batch_size, 1)
+        if eval_batch_size is not None:
+            require_int("data.eval_batch_size", eval_batch_size, 1)
+        require_int("data.val_size", val_size, 1)
+        require_int("data.num_workers", num_workers, 0)
+        require_int("data.split_seed", split_seed, 0)
+        require_int("data.binarize_seed", binarize_seed, 0)
         require(
             noise in NOISE_KINDS,
             f"data.noise must be one of {', '.join(NOISE_KINDS)}; got {noise!r}",
         )
-        require(noise_std > 0, f"data.noise_std must be > 0, got {noise_std}")
+        require_number("data.noise_std", noise_std, 0)
         require(0 < noise_prob < 1, f"data.noise_prob must be in (0, 1), got {noise_prob}")
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -111,6 +113,8 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         self.noise = noise
         self.noise_std = noise_std
         self.noise_prob = noise_prob
+        self.shuffle_seed = shuffle_seed
+        self.train_loader: ResumableLoader | None = None
         self.splits: dict[str, InMemoryImages] = {}
         self.per_sample: dict[str, torch.utils.data.Dataset] = {}  # in_memory=false
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}  # device_cache copies
@@ -282,6 +286,8 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         return torch.where(hit, salt, x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.trainer is not None and self.trainer.training and self.train_loader is not None:
+            self.train_loader.taken += 1  # reached a training step: part of the resume position
         return self.fetch(batch)
 
     def train_dataloader(self) -> DataLoader:
@@ -294,20 +300,27 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+        """Training: a ResumableLoader (its epoch order depends on shuffle_seed and the epoch only,
+        and it can restart mid-epoch from a checkpoint); evaluation: the split in order."""
         if not self.in_memory:
             dataset, collate = self.per_sample[split], None  # default collate: stack samples
         elif self.device_cache:
             dataset, collate = SplitIndices(split, len(self.splits[split])), as_batch
         else:
             dataset, collate = self.splits[split], as_batch
-        return DataLoader(
-            dataset,
+        common = dict(
             batch_size=batch_size,
-            shuffle=shuffle,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if not shuffle:
+            return DataLoader(dataset, **common)
+        seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
+        self.train_loader = ResumableLoader(
+            dataset, sampler=EpochSampler(len(dataset), seed), **common
+        )
+        return self.train_loader
 
 
 class MNISTDataModule(MNISTFamilyDataModule):

@@ -1,0 +1,90 @@
+"""`last.ckpt`: the state to resume from, kept fresh.
+
+Written every `every_n_train_steps` optimizer steps, at the end of every epoch (after
+validation), and when the run is stopped from outside: SIGTERM (what a cluster scheduler sends
+before pre-emption) or Ctrl-C. Lightning turns SIGTERM into a clean stop at the next batch
+boundary; Ctrl-C (SIGINT) is routed through the same path, so a stop never lands in the middle
+of an optimizer step (a second Ctrl-C stops at once). Each write goes to a temporary file that is
+renamed into place, and weights that are not finite are never written (VAEModule refuses), so
+`last.ckpt` is always the last good state. `resume=<run dir>` continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vaelab.errors import require
+
+log = logging.getLogger(__name__)
+LAST = "last.ckpt"
+
+
+class LastCheckpoint(L.Callback):
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = 500) -> None:
+        require(
+            every_n_train_steps is None or every_n_train_steps >= 1,
+            f"every_n_train_steps must be >= 1 or null, got {every_n_train_steps}",
+        )
+        self.path = Path(dirpath) / LAST
+        self.every_n_train_steps = every_n_train_steps
+        self._previous_sigint = None
+        self._saved_step = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        every = self.every_n_train_steps
+        if every and trainer.global_step % every == 0 and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_step = -1  # the epoch counter moved on: write even at the same step
+        self.save(trainer)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        notify = trainer._signal_connector._sigterm_notifier_fn
+
+        def on_sigint(signum, frame) -> None:
+            log.warning(
+                "Ctrl-C: stopping after this batch and saving a checkpoint "
+                "(press again to stop at once)"
+            )
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            notify(signum, frame)
+
+        try:
+            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread (some launchers): keep the default handler
+            self._previous_sigint = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_sigint()
+        if isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            self._saved_step = -1
+            self.save(trainer)
+            log.warning(
+                "stopped at step %d; checkpoint saved: %s (continue with resume=<run dir>)",
+                trainer.global_step,
+                self.path,
+            )
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def state_dict(self) -> dict[str, int | None]:
+        return {"every_n_train_steps": self.every_n_train_steps}

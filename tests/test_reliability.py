@@ -1,0 +1,214 @@
+"""Reliability: a killed run resumes to exactly the parameters of an uninterrupted one, SIGTERM
+saves a checkpoint, NaNs stop training without touching the last good checkpoint, same seed gives
+the same run, and bad resume / checkpoint / output input gives one-line errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_script, tiny
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_errors import assert_one_line_error
+
+from vaelab.checkpoints import SafeCheckpointIO
+from vaelab.errors import CheckpointError
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).resolve().parent
+
+
+def train_args(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [
+        *tiny(data_dir),
+        f"paths.log_dir={log_dir}",
+        "trainer.max_epochs=4",
+        "callbacks.last_checkpoint.every_n_train_steps=3",  # 8 steps per epoch: mid-epoch saves
+        *extra,
+    ]
+
+
+def only_run_dir(log_dir: Path) -> Path:
+    (run_dir,) = (log_dir / "train" / "runs").iterdir()
+    return run_dir
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path_glob: str, root: Path, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(root.glob(path_glob))
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise TimeoutError(f"{path_glob} never appeared under {root}")
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
+    full = run_script("train.py", train_args(data_dir, tmp_path / "full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = only_run_dir(tmp_path / "full")
+
+    # Kill -9 mid-epoch, after a checkpoint
+    process = start(train_args(data_dir, tmp_path / "part"), tmp_path)
+    last = wait_for("train/runs/*/checkpoints/last.ckpt", tmp_path / "part")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load(last)
+    steps_per_epoch = 8
+    assert 0 < killed_at["global_step"] < 4 * steps_per_epoch, "killed too late to test resume"
+
+    run_dir = only_run_dir(tmp_path / "part")
+    resumed = run_script(
+        "train.py",
+        [f"resume={run_dir}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path / 'part'}"],
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = load(reference / "checkpoints" / "last.ckpt"), load(last)
+    assert got["global_step"] == expected["global_step"] == 4 * steps_per_epoch
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), f"{name} differs after resume"
+    # Same run dir, same TensorBoard run: the curves match, with no duplicated or missing step.
+    for tag in ("train/loss", "val/elbo"):
+        resumed_steps, resumed_values = zip(*scalars(run_dir, tag), strict=True)
+        steps, values = zip(*scalars(reference, tag), strict=True)
+        assert resumed_steps == steps  # so no step is duplicated or missing
+        assert resumed_values == pytest.approx(values)
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == (
+        reference / ".hydra" / "config.yaml"
+    ).read_text().replace(str(tmp_path / "full"), str(tmp_path / "part"))
+
+
+def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
+    args = train_args(
+        data_dir,
+        tmp_path / "logs",
+        "trainer.max_epochs=1000",
+        "callbacks.last_checkpoint.every_n_train_steps=null",
+    )
+    process = start(args, tmp_path)
+    epoch_end = wait_for("train/runs/*/checkpoints/last.ckpt", tmp_path / "logs")
+    first = load(epoch_end)["global_step"]
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    saved = load(epoch_end)
+    assert saved["global_step"] > first  # written at the stop, not only at the epoch end
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    args = train_args(
+        data_dir,
+        tmp_path / "logs",
+        "+callbacks.poison._target_=nan_injection.PoisonWeights",
+        "+callbacks.poison.step=10",
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = run_script("train.py", args, cwd=tmp_path, env=env)
+    assert_one_line_error(
+        result, "non-finite", "at step 10", "distortion", "batch min=", "last good checkpoint"
+    )
+    run_dir = only_run_dir(tmp_path / "logs")
+    last = load(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 9  # the save every 3 steps before the NaN, untouched
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert not list((run_dir / "checkpoints").glob("*.tmp*"))
+
+
+def test_same_seed_same_run(data_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        args = train_args(data_dir, tmp_path / name, "trainer.max_epochs=2")
+        assert run_script("train.py", args, cwd=tmp_path).returncode == 0
+        runs.append(only_run_dir(tmp_path / name))
+    assert scalars(runs[0], "val/elbo") == scalars(runs[1], "val/elbo")
+    assert scalars(runs[0], "train/loss") == scalars(runs[1], "train/loss")
+    a, b = (load(r / "checkpoints" / "last.ckpt")["state_dict"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_errors(data_dir, tmp_path):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    args = [f"resume={empty}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}"]
+    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), "no checkpoints/last.ckpt")
+
+    first = run_script(
+        "train.py", train_args(data_dir, tmp_path / "a", "trainer.max_epochs=1"), cwd=tmp_path
+    )
+    assert first.returncode == 0
+    run_dir = only_run_dir(tmp_path / "a")
+    args = [f"resume={run_dir}", f"paths.data_dir={data_dir}", "model=conv"]
+    assert_one_line_error(
+        run_script("train.py", args, cwd=tmp_path),
+        "resume keeps the run's saved config",
+        "model=conv",
+    )
+    # a checkpoint of another architecture
+    args = [
+        *tiny(data_dir),
+        f"paths.log_dir={tmp_path / 'b'}",
+        "model.latent_dim=7",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    ]
+    assert_one_line_error(
+        run_script("train.py", args, cwd=tmp_path), "holds another model than this config builds"
+    )
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("data.batch_size=abc", ["data.batch_size must be an integer", "'abc'"]),
+        ("objective.beta=abc", ["objective.beta must be a number", "'abc'"]),
+        ("model.latent_dim=2.5", ["model.latent_dim must be an integer", "2.5"]),
+    ],
+)
+def test_wrong_types_are_one_line_errors(override, fragments, data_dir, tmp_path):
+    args = [*tiny(data_dir), f"paths.log_dir={tmp_path}", override]
+    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), *fragments)
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileOpener.write", no_space)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(load(path)["state_dict"]["w"], torch.ones(2))  # not half-written
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp left
