@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.nn import functional as F
 
@@ -66,6 +67,7 @@ def compose_config(model: str, batch: int, data_dir: Path, log_dir: Path, epochs
         cfg.paths.output_dir = str(log_dir)
         cfg.hydra.runtime.output_dir = str(log_dir)
         del cfg.callbacks.model_checkpoint
+        del cfg.callbacks.last_checkpoint
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -111,8 +113,8 @@ def vaelab_epochs(cfg) -> list[float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     timer = EpochTimer()
-    trainer = L.Trainer(
-        **{k: v for k, v in cfg.trainer.items() if k != "_target_"},
+    trainer = instantiate(
+        cfg.trainer,
         callbacks=[*instantiate_group(cfg.callbacks), timer],
         logger=instantiate_group(cfg.logger),
         enable_checkpointing=False,

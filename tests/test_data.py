@@ -594,24 +594,26 @@ def test_fast_paths_give_the_same_batches_as_torchvision(uncompressed_root, bina
 
 @pytest.mark.parametrize("device_cache", [True, False])
 def test_ddp_shards_are_disjoint_and_cover_the_split(indexed_root, device_cache):
-    """The loader Lightning builds for each of 2 processes (DistributedSampler injected)."""
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler
-
-    dm = datamodule(indexed_root, binarize="none", batch_size=16, device_cache=device_cache)
-    loader = dm.train_dataloader()
+    """With 2 processes, each takes its own half of every epoch's order; together one step of
+    both is the batch of a single process with twice the batch size."""
+    single = datamodule(indexed_root, binarize="none", batch_size=32, shuffle_seed=1)
+    single_loader = single.train_dataloader()
+    single_loader.sampler.layout = lambda: (0, 1, 0)
+    single_batches = [image_indices(x) for x, _ in stored_batches(single, single_loader)]
     shards = []
     for rank in (0, 1):
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, seed=0)
-        sampler.set_epoch(0)
-        ddp_loader = _update_dataloader(loader, sampler)
-        shards.append(
-            set(torch.cat([image_indices(x) for x, _ in stored_batches(dm, ddp_loader)]).tolist())
+        dm = datamodule(
+            indexed_root, binarize="none", batch_size=16, shuffle_seed=1, device_cache=device_cache
         )
-    everything = set(image_indices(dm.splits["train"].images).tolist())
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == everything
-    assert abs(len(shards[0]) - len(shards[1])) <= 1
+        loader = dm.train_dataloader()
+        loader.sampler.layout = lambda rank=rank: (0, 2, rank)
+        assert len(loader.sampler) == (N_TRAIN - VAL_SIZE) // 2
+        shards.append([image_indices(x) for x, _ in stored_batches(dm, loader)])
+    first, second = (set(torch.cat(shard).tolist()) for shard in shards)
+    assert not first & second
+    assert first | second == set(image_indices(single.splits["train"].images).tolist())
+    for step, (a, b) in enumerate(zip(*shards, strict=True)):
+        assert sorted(torch.cat([a, b]).tolist()) == sorted(single_batches[step].tolist())
 
 
 def test_on_after_batch_transfer_preprocesses(data_dir):

@@ -232,12 +232,14 @@ def random_posterior_params(n: int, latent_dim: int, seed: int) -> tuple[Tensor,
 def test_posterior_is_diagonal_gaussian_with_bounded_log_var():
     mean, log_var = random_posterior_params(4, 3, seed=0)
     log_var[0, 0] = 50.0  # runaway encoder output: clamped below VAE.max_log_var
+    log_var[1, 1] = -1e4  # collapsing variance: floored above VAE.min_log_var
     q = constant_vae(mean, log_var).posterior(torch.zeros(4, 1, 2, 2, dtype=torch.float64))
     assert q.batch_shape == (4,) and q.event_shape == (3,)
     torch.testing.assert_close(q.mean, mean)
-    expected_var = bounded(log_var, VAE.min_log_var, VAE.max_log_var).exp()
+    expected_var = VAE.bound_log_var(log_var).exp()
     torch.testing.assert_close(q.variance, expected_var)
     assert q.variance[0, 0] <= math.exp(VAE.max_log_var)
+    assert q.variance[1, 1] >= math.exp(VAE.min_log_var)
 
 
 def test_kl_matches_textbook_formula():
@@ -246,7 +248,7 @@ def test_kl_matches_textbook_formula():
     x = torch.zeros(6, 1, 2, 2, dtype=torch.float64)
     kl = kl_divergence(vae.posterior(x), vae.prior())
     assert kl.shape == (6,)
-    var = bounded(log_var, VAE.min_log_var, VAE.max_log_var).exp()
+    var = VAE.bound_log_var(log_var).exp()
     expected = 0.5 * (mean**2 + var - 1 - var.log()).sum(-1)
     torch.testing.assert_close(kl, expected, rtol=1e-10, atol=1e-10)
 

@@ -117,7 +117,7 @@ def test_optuna_search_optimises_the_returned_metric(data_dir, tmp_path):
 
 
 def test_slurm_launcher_config_composes():
-    cfg = compose_train(["hydra/launcher=slurm", "trainer.devices=4", "+trainer.num_nodes=2"])
+    cfg = compose_train(["hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2

@@ -18,6 +18,16 @@ def _first_set(value: str | None, default: str) -> str:
     return default if value is None else value
 
 
+def _run_name(number: int, overrides: str, limit: int = 200) -> str:
+    """A sweep's run subdir: `<number>_<overrides>`, cut at an override boundary so the name
+    stays within file-name limits (the number alone keeps it unique)."""
+    name = f"{number}_{overrides}"
+    if len(name) <= limit:
+        return name
+    return name[: name.rfind(",", 0, limit)] + ",..."
+
+
+OmegaConf.register_new_resolver("vaelab.run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver("vaelab.first_set", _first_set, replace=True)
 OmegaConf.register_new_resolver(
     "vaelab.config_subdir", _config_subdir, use_cache=True, replace=True

@@ -93,3 +93,8 @@ def bounded(x: Tensor, low: float, high: float) -> Tensor:
     upper = high + softplus(low - x) - softplus(high - x)
     lower = low + softplus(x - low) - softplus(x - high)
     return torch.where(x > 0.5 * (low + high), upper, lower)
+
+
+def soft_floor(x: Tensor, low: float) -> Tensor:
+    """low + softplus(x - low): above `low`, close to x once x is a few units above it."""
+    return low + torch.nn.functional.softplus(x - low)

@@ -131,6 +131,11 @@ class VAEModule(L.LightningModule):
         if getattr(self, "_resumed_rng", None) is not None:
             set_rng_states(self._resumed_rng)
             self._resumed_rng = None
+        if self.trainer.world_size > 1:
+            # Every process was seeded alike; give each its own stream for dynamic binarisation
+            # and the reparameterisation noise (derived from the shared state: reproducible).
+            base = int(torch.randint(2**62, (1,)))
+            torch.manual_seed(base + self.global_rank)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self.step(batch, "train")

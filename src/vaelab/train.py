@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.build import build_datamodule, build_module
+from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError
 from vaelab.resume import checkpoint_step, resume_config
 
@@ -36,8 +38,22 @@ def purge_after(logger, step: int):
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one model; return the final epoch's metrics (and test metrics if cfg.test)."""
+    environment = dict(os.environ)
+    try:
+        return train(cfg)
+    finally:
+        # A DDP run leaves its process group and Lightning's MASTER_PORT, LOCAL_RANK, ... in
+        # this process; the next run of a sweep must start clean.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("resume"):
         cfg = resume_config(cfg)
+    use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

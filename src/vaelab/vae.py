@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from vaelab.errors import require
-from vaelab.likelihoods import Likelihood, bounded
+from vaelab.likelihoods import Likelihood, soft_floor
 
 
 class VAE(nn.Module):
@@ -43,10 +43,17 @@ class VAE(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
 
+    @classmethod
+    def bound_log_var(cls, log_var: Tensor) -> Tensor:
+        """The posterior's log-variance: a soft floor at min_log_var (a vanishing sigma would make
+        the density and the KL blow up) and a hard ceiling at max_log_var; two cheap ops on the
+        hot path, and the gradient only stops above the ceiling."""
+        return soft_floor(log_var, cls.min_log_var).clamp(max=cls.max_log_var)
+
     def posterior(self, x: Tensor) -> Distribution:
         """q(z|x): a diagonal Gaussian with event shape (latent_dim,), batch shape (B,)."""
         mean, log_var = self.encoder(x).chunk(2, dim=-1)  # each (B, latent_dim)
-        log_var = bounded(log_var, self.min_log_var, self.max_log_var)
+        log_var = self.bound_log_var(log_var)
         return Independent(Normal(mean, torch.exp(0.5 * log_var)), 1)
 
     def decode(self, z: Tensor) -> Distribution:

@@ -285,6 +285,13 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         salt = (torch.rand_like(x) < 0.5).to(x.dtype)
         return torch.where(hit, salt, x)
 
+    def _trainer_layout(self) -> tuple[int, int, int] | None:
+        """(epoch, number of processes, this process's rank) while a trainer runs."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return trainer.current_epoch, trainer.world_size, trainer.global_rank
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         if self.trainer is not None and self.trainer.training and self.train_loader is not None:
             self.train_loader.taken += 1  # reached a training step: part of the resume position
@@ -317,9 +324,8 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, **common)
         seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
-        self.train_loader = ResumableLoader(
-            dataset, sampler=EpochSampler(len(dataset), seed), **common
-        )
+        sampler = EpochSampler(len(dataset), seed, layout=self._trainer_layout)
+        self.train_loader = ResumableLoader(dataset, sampler=sampler, **common)
         return self.train_loader
 
 

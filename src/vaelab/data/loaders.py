@@ -9,35 +9,59 @@ in every checkpoint because the loader implements the `state_dict` / `load_state
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffled indices 0..n-1: epoch e uses the permutation seeded with (seed, e), starting at
-    `start` (set when resuming mid-epoch)."""
+class EpochSampler(DistributedSampler):
+    """Shuffled indices 0..n-1: epoch e uses the permutation seeded with (seed, e); with W
+    processes, process r takes every W-th index from position r (padded to a multiple of W as
+    DistributedSampler does), so the union of the shards of one step is the batch a single
+    process would take. Starts at `start` when resuming mid-epoch.
 
-    def __init__(self, n: int, seed: int) -> None:
+    The epoch and the process layout come from `layout` when it gives them (the trainer's epoch
+    counter, world size and rank), else from `set_epoch` (or counting passes) and one process.
+    It is a DistributedSampler, so Lightning uses it as it is instead of wrapping it in its own
+    (which would reshuffle and lose the position inside the epoch).
+    """
+
+    def __init__(
+        self, n: int, seed: int, layout: Callable[[], tuple[int, int, int] | None] | None = None
+    ) -> None:  # no super().__init__: it needs a process group, which may not exist yet
         self.n = n
         self.seed = seed
+        self.layout = layout
         self.epoch = 0
         self.start = 0
+        self.num_replicas, self.rank = 1, 0
+
+    def refresh(self) -> None:
+        """Take epoch, world size and rank from the layout source, if it gives them."""
+        current = self.layout() if self.layout is not None else None
+        if current is not None:
+            self.epoch, self.num_replicas, self.rank = current
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        self.refresh()
+        return math.ceil(self.n / self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
+        self.refresh()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)[self.start :].tolist()
-        self.epoch += 1  # the next epoch, unless set_epoch says otherwise
-        self.start = 0
-        yield from order
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.num_replicas > 1:
+            total = math.ceil(self.n / self.num_replicas) * self.num_replicas
+            order = (order + order[: total - self.n])[self.rank : total : self.num_replicas]
+        start, self.start = self.start, 0
+        self.epoch += 1  # the next epoch, unless the layout or set_epoch says otherwise
+        yield from order[start:]
 
 
 class ResumableLoader(DataLoader):
@@ -53,14 +77,17 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         sampler = self.sampler
-        self.taken = sampler.start // self.batch_size if isinstance(sampler, EpochSampler) else 0
-        self._epoch = sampler.epoch if isinstance(sampler, EpochSampler) else 0
+        if isinstance(sampler, EpochSampler):
+            sampler.refresh()
+            self.taken, self._epoch = sampler.start // self.batch_size, sampler.epoch
+        else:
+            self.taken, self._epoch = 0, 0
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": getattr(self, "_epoch", 0), "taken": self.taken}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if isinstance(self.sampler, EpochSampler):  # under DDP the sampler is Lightning's own
+        if isinstance(self.sampler, EpochSampler):
             self.sampler.epoch = state["epoch"]
             self.sampler.start = state["taken"] * self.batch_size
