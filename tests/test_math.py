@@ -356,15 +356,21 @@ def test_elbo_averages_its_samples():
 D, LATENT, SIGMA = 6, 3, 0.5
 
 
+def fixed_linear(weight: Tensor, bias: Tensor) -> nn.Linear:
+    """A float64 nn.Linear holding the given weight and bias."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0]).double()
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
+
+
 class LinearDecoder(nn.Module):
     """z (N, latent) -> W z + b as (N, 1, 1, D) images."""
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0]).double()
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
+        self.linear = fixed_linear(weight, bias)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.linear(z).view(-1, 1, 1, self.linear.out_features)
@@ -375,10 +381,7 @@ class LinearEncoder(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0]).double()
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
+        self.linear = fixed_linear(weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x.flatten(1))

@@ -108,7 +108,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
     ).read_text().replace(str(tmp_path / "full"), str(tmp_path / "part"))
 
 
-def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_signal_saves_a_checkpoint(stop, data_dir, tmp_path):
     args = train_args(
         data_dir,
         tmp_path / "logs",
@@ -119,7 +120,7 @@ def test_sigterm_saves_a_checkpoint(data_dir, tmp_path):
     epoch_end = wait_for("train/runs/*/checkpoints/last.ckpt", tmp_path / "logs")
     first = load(epoch_end)["global_step"]
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     process.wait(timeout=60)
     saved = load(epoch_end)
     assert saved["global_step"] > first  # written at the stop, not only at the epoch end

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vaelab.errors import require
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 LAST = "last.ckpt"
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
+    """A Checkpoint callback, so Lightning runs it after the other callbacks (ModelCheckpoint
+    included): the state it writes holds their final word on the epoch, e.g. the best model."""
+
     def __init__(self, dirpath: str, every_n_train_steps: int | None = 500) -> None:
         require(
             every_n_train_steps is None or every_n_train_steps >= 1,
