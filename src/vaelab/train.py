@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vaelab import evaluate
 from vaelab.build import build_datamodule, build_module
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError
@@ -97,4 +100,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         for results in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt):
             metrics.update({name: float(value) for name, value in results.items()})
+    if cfg.get("final_evaluation") and trainer.is_global_zero:
+        metrics.update(final_evaluation(cfg))
     return metrics
+
+
+def final_evaluation(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate the run's best checkpoint as `evaluate.py run=<run dir>` would, with the
+    `final_evaluation` settings (e.g. k) as eval.* overrides, into <run dir>/evaluation."""
+    run_dir = Path(cfg.paths.output_dir)
+    settings = [f"eval.{key}={value}" for key, value in cfg.final_evaluation.items()]
+    eval_cfg = compose(
+        "evaluate",
+        overrides=[f"run={run_dir}", f"paths.data_dir={cfg.paths.data_dir}", *settings],
+    )
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(run_dir / "evaluation")
+    row = evaluate.evaluate_run(eval_cfg, run_dir, run_dir / "evaluation")
+    split = eval_cfg.eval.split
+    return {f"{split}/{name}": value for name, value in row.items() if isinstance(value, float)}

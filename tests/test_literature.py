@@ -1,0 +1,108 @@
+"""The literature presets: Burda et al. (2015) architecture, optimizer and stage learning-rate
+schedule, the CPU-budget preset, and the k=5000 evaluation they end with."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import compose_train, run_script, tiny
+from test_evaluation import approximate_posterior_vae
+from test_math import linear_data
+
+from vaelab.build import build_datamodule, build_module
+from vaelab.objectives import iwae_bound
+from vaelab.schedules import StageDecay
+
+PAPER_LR = 1e-3
+
+
+def test_stage_boundaries_follow_three_to_the_i_passes():
+    schedule = StageDecay()
+    starts = [0, 1, 4, 13, 40, 121, 364, 1093]  # sum of 3^j for j < i
+    for i, start in enumerate(starts):
+        assert schedule.stage(start) == i
+        if start > 0:
+            assert schedule.stage(start - 1) == i - 1
+    assert schedule.total_epochs == 3280
+    assert schedule.stage(5000) == 7  # the last stage goes on
+
+
+def test_scheduler_gives_the_papers_learning_rates(data_dir, tmp_path):
+    cfg = compose_train([*tiny(data_dir), "experiment=burda2015_vae"], output_dir=tmp_path)
+    module = build_module(cfg, build_datamodule(cfg))
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    rates = []
+    for _ in range(3280):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for i, start in enumerate([0, 1, 4, 13, 40, 121, 364, 1093]):
+        assert rates[start] == pytest.approx(PAPER_LR * 10 ** (-i / 7), rel=1e-12)
+    assert rates[-1] == pytest.approx(PAPER_LR * 10**-1)
+
+
+@pytest.mark.parametrize("preset,k", [("burda2015_vae", None), ("burda2015_iwae", 50)])
+def test_burda_presets_match_the_paper(preset, k):
+    cfg = compose_train([f"experiment={preset}"])
+    assert cfg.model.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
+    assert cfg.model.activation._target_ == "torch.nn.Tanh"
+    assert cfg.hydra.runtime.choices.likelihood == "bernoulli"
+    assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 20
+    assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.optimizer.eps == 1e-4
+    assert cfg.optimizer.lr == PAPER_LR and cfg.trainer.max_epochs == 3280
+    assert cfg.hydra.runtime.choices.scheduler == "burda_stages"
+    assert cfg.final_evaluation.k == 5000
+    assert cfg.objective.get("k") == k
+    if k is not None:
+        assert compose_train([f"experiment={preset}", "objective.k=5"]).objective.k == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["burda2015_vae", "burda2015_iwae", "mnist_cpu_budget"])
+def test_presets_run_and_end_with_the_test_nll(preset, data_dir, tmp_path):
+    args = [
+        *tiny(data_dir),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"experiment={preset}",
+        "trainer.max_epochs=2",
+        "data.batch_size=32",
+        "final_evaluation.k=10",
+    ]
+    result = run_script("train.py", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = next((tmp_path / "logs").iterdir()).joinpath("runs").iterdir()
+    report = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert report["k"] == 10 and math.isfinite(report["metrics"]["test/nll_is"])
+
+
+def test_k5000_in_chunks_matches_one_sample_at_a_time():
+    """The chunked log-sum-exp over k=5000 samples (several images per decoder call) equals the
+    straightforward computation that decodes one sample at a time, on the same draws, to 1e-4."""
+    vae, weight, bias = approximate_posterior_vae()
+    x = linear_data(weight, bias, n=4)
+    q = vae.posterior(x)
+    torch.manual_seed(0)
+    z_all = q.sample((5000,))  # (k, B, latent)
+    log_w = torch.stack(
+        [
+            vae.decode(z[None]).log_prob(x)[0] + vae.prior().log_prob(z) - q.log_prob(z)
+            for z in z_all
+        ]
+    )
+    straightforward = torch.logsumexp(log_w, 0) - math.log(5000)
+
+    draws = iter(z_all.split(1))
+
+    class Replay(torch.distributions.Independent):
+        def sample(self, sample_shape=(1,)):
+            return torch.cat([next(draws) for _ in range(sample_shape[0])])
+
+    original = vae.posterior
+    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+    chunked = iwae_bound(vae, x, 5000, max_codes=1000 * len(x))["log_likelihood"]
+    torch.testing.assert_close(chunked, straightforward, atol=1e-4, rtol=0)
