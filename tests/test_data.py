@@ -632,3 +632,13 @@ def test_write_fake_dataset_helper_round_trips(tmp_path):
     assert missing_files(tmp_path, "FashionMNIST") == []
     x, y = load_split(tmp_path, "FashionMNIST", False, (28, 28))
     assert x.shape == (4, 1, 28, 28) and y.shape == (4,)
+
+
+def test_resume_after_the_last_batch_starts_the_next_epoch_whole(indexed_root):
+    """A position saved after an epoch's last batch must not eat into the next epoch."""
+    dm = datamodule(indexed_root, binarize="none", batch_size=16, shuffle_seed=5)
+    loader = dm.train_dataloader()
+    n_batches = len(loader)
+    loader.load_state_dict({"epoch": 0, "taken": n_batches})
+    loader.sampler.set_epoch(1)
+    assert len(list(loader)) == n_batches

@@ -46,8 +46,13 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         every = self.every_n_train_steps
-        if every and trainer.global_step % every == 0 and not trainer.sanity_checking:
-            self.save(trainer)
+        if not every or trainer.global_step % every or trainer.sanity_checking:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The epoch-end save follows validation; a checkpoint from between the two would
+            # resume without that validation (and not bit-exactly): the epoch end saves instead.
+            return
+        self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = -1  # the epoch counter moved on: write even at the same step

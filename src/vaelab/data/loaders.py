@@ -37,6 +37,7 @@ class EpochSampler(DistributedSampler):
         self.layout = layout
         self.epoch = 0
         self.start = 0
+        self.start_epoch = 0  # `start` applies to this epoch only
         self.num_replicas, self.rank = 1, 0
 
     def refresh(self) -> None:
@@ -59,7 +60,9 @@ class EpochSampler(DistributedSampler):
         if self.num_replicas > 1:
             total = math.ceil(self.n / self.num_replicas) * self.num_replicas
             order = (order + order[: total - self.n])[self.rank : total : self.num_replicas]
-        start, self.start = self.start, 0
+        # A checkpoint taken after the epoch's last batch resumes at the next epoch's beginning.
+        start = self.start if self.epoch == self.start_epoch else 0
+        self.start = 0
         self.epoch += 1  # the next epoch, unless the layout or set_epoch says otherwise
         yield from order[start:]
 
@@ -79,7 +82,9 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         if isinstance(sampler, EpochSampler):
             sampler.refresh()
-            self.taken, self._epoch = sampler.start // self.batch_size, sampler.epoch
+            resuming = sampler.epoch == sampler.start_epoch
+            self.taken = sampler.start // self.batch_size if resuming else 0
+            self._epoch = sampler.epoch
         else:
             self.taken, self._epoch = 0, 0
         return super().__iter__()
@@ -89,5 +94,5 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if isinstance(self.sampler, EpochSampler):
-            self.sampler.epoch = state["epoch"]
+            self.sampler.epoch = self.sampler.start_epoch = state["epoch"]
             self.sampler.start = state["taken"] * self.batch_size
