@@ -78,6 +78,19 @@ def test_iwae_bound_elbo_estimate_matches_closed_form_elbo():
     assert torch.allclose(from_weights, closed_form_kl, atol=0.1)
 
 
+def replay_draws(vae, z: torch.Tensor) -> None:
+    """Make the VAE's posterior hand out the given draws z (k, B, latent) in order, whatever
+    the chunk sizes asked for, so that iwae_bound can be compared with a reference on them."""
+    draws = iter(z.split(1))
+
+    class Replay(torch.distributions.Independent):
+        def sample(self, sample_shape=(1,)):
+            return torch.cat([next(draws) for _ in range(sample_shape[0])])
+
+    original = vae.posterior
+    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+
+
 def test_chunking_does_not_change_the_estimate():
     """Chunks of any size combine to the same log-mean-exp as one pass over the same draws."""
     vae, weight, bias = approximate_posterior_vae()
@@ -87,15 +100,7 @@ def test_chunking_does_not_change_the_estimate():
     z = q.sample((600,))
     log_w = vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
     reference = torch.logsumexp(log_w, 0) - math.log(600)
-    # Replay the same draws through iwae_bound by fixing q.sample's noise.
-    draws = iter(z.split(1))
-
-    class Replay(torch.distributions.Independent):
-        def sample(self, sample_shape=(1,)):
-            return torch.cat([next(draws) for _ in range(sample_shape[0])])
-
-    original = vae.posterior
-    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+    replay_draws(vae, z)
     bound = iwae_bound(vae, x, 600, max_codes=7 * len(x))["log_likelihood"]  # chunks of 7
     torch.testing.assert_close(bound, reference)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import compose_train, run_script, tiny
-from test_evaluation import approximate_posterior_vae
+from test_evaluation import approximate_posterior_vae, replay_draws
 from test_math import linear_data
 
 from vaelab.build import build_datamodule, build_module
@@ -96,13 +96,6 @@ def test_k5000_in_chunks_matches_one_sample_at_a_time():
     )
     straightforward = torch.logsumexp(log_w, 0) - math.log(5000)
 
-    draws = iter(z_all.split(1))
-
-    class Replay(torch.distributions.Independent):
-        def sample(self, sample_shape=(1,)):
-            return torch.cat([next(draws) for _ in range(sample_shape[0])])
-
-    original = vae.posterior
-    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+    replay_draws(vae, z_all)
     chunked = iwae_bound(vae, x, 5000, max_codes=1000 * len(x))["log_likelihood"]
     torch.testing.assert_close(chunked, straightforward, atol=1e-4, rtol=0)
