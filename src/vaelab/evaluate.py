@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
+import torchvision
 from omegaconf import DictConfig, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
@@ -170,7 +171,7 @@ def draw(vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: i
         vae, inputs[:16].to(device), kl_order, seed=seed, targets=examples[:16].to(device)
     )
     for name, image in grids.items():
-        pictures.save_png(image, out_dir / f"{name}.png")
+        torchvision.utils.save_image(image, out_dir / f"{name}.png")
     means, labels = results.cat("posterior_mean"), results.cat("labels")
     name = "latent_scatter" if vae.latent_dim == 2 else "latent_pca"
     figure = pictures.latent_scatter(means, labels, f"posterior means ({report['split']} split)")

@@ -70,7 +70,7 @@ class VAEModule(L.LightningModule):
             self.vae, inputs, targets, step=self.global_step if training else None
         )
         if training and self.check_finite:
-            self._check_finite(parts, inputs, batch)
+            self._check_finite(parts, inputs)
         # Training curves are per step, logged only on the steps the logger writes
         # (trainer.log_every_n_steps): each self.log call costs ~0.5 ms of Python, more than a
         # small VAE's step. Validation and test values are means over the whole split (weighted
@@ -92,7 +92,7 @@ class VAEModule(L.LightningModule):
         )
         return parts["loss"]
 
-    def _check_finite(self, parts: dict[str, Tensor], inputs: Tensor, batch) -> None:
+    def _check_finite(self, parts: dict[str, Tensor], inputs: Tensor) -> None:
         terms = {name: parts[name] for name in ("loss", "rate", "distortion") if name in parts}
         values = torch.stack([value.detach().sum() for value in terms.values()])
         if bool(torch.isfinite(values).all()):  # the one host sync of the check

@@ -10,14 +10,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -84,10 +81,6 @@ def latent_scatter(means: Tensor, labels: Tensor, title: str) -> plt.Figure:
     axes.set(xlabel=axes_labels[0], ylabel=axes_labels[1], title=title)
     figure.tight_layout()
     return figure
-
-
-def save_png(image: Tensor, path: Path) -> None:
-    torchvision.utils.save_image(image, path)
 
 
 def log_embedding(
