@@ -3,10 +3,12 @@ the evaluation's diagnostics against brute force."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+from conftest import compose_train
 from test_math import (
     LATENT,
     SIGMA,
@@ -17,8 +19,15 @@ from test_math import (
     linear_vae,
 )
 
+from vaelab.build import build_vae
 from vaelab.errors import ConfigError
-from vaelab.evaluation.metrics import SplitResults, summarise
+from vaelab.evaluation.metrics import (
+    COMPILE_AUTO_MIN_CODES,
+    CompiledLogWeights,
+    SplitResults,
+    summarise,
+    weights_function,
+)
 from vaelab.objectives import ELBO, iwae_bound
 
 
@@ -127,3 +136,62 @@ def test_active_units_and_kl_per_dim_by_brute_force():
     assert metrics["test/bpd"] == pytest.approx(80.0 / (784 * math.log(2)))
     assert per_dim["kl_per_dim_sorted"] == pytest.approx([2.0, 0.5, 0.0])
     assert per_dim["kl_dim_order"] == [1, 0, 2]
+
+
+def burda_vae():
+    """The 784-200-200-50 tanh Bernoulli VAE of the literature presets, untrained."""
+    cfg = compose_train(["experiment=mnist_cpu_budget"])
+    torch.manual_seed(0)
+    return build_vae(cfg, (1, 28, 28)).eval()
+
+
+@pytest.mark.slow
+def test_compiled_log_weights_give_the_eager_numbers():
+    """eval.compile: the torch.compile'd importance weights give L_5000 and the ELBO of the eager
+    computation on the same draws (float rounding only), for the preset's real architecture."""
+    vae = burda_vae()
+    x = (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    torch.manual_seed(0)
+    eager = iwae_bound(vae, x, 5000, max_codes=2000)
+    compiled_fn = CompiledLogWeights(vae)
+    torch.manual_seed(0)
+    compiled = iwae_bound(vae, x, 5000, max_codes=2000, weights_fn=compiled_fn)
+    assert compiled_fn.fn is not compiled_fn.eager, "compilation fell back to eager"
+    for name in ("log_likelihood", "elbo"):
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=1e-6)
+
+
+def test_failed_compilation_falls_back_to_eager_with_one_warning(caplog):
+    vae = burda_vae()
+    x = (torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    weights_fn = CompiledLogWeights(vae)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\ndetails that nobody needs")
+
+    weights_fn.fn = broken
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="vaelab.evaluation.metrics"):
+        fallen_back = iwae_bound(vae, x, 50, max_codes=20, weights_fn=weights_fn)
+    torch.manual_seed(0)
+    eager = iwae_bound(vae, x, 50, max_codes=20)
+    torch.testing.assert_close(fallen_back["log_likelihood"], eager["log_likelihood"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "eval.compile: torch.compile failed (RuntimeError: no C++ compiler found); "
+        "evaluating eagerly"
+    ]
+
+
+def test_compile_choice_auto_compiles_only_large_evaluations_on_a_cpu():
+    vae, cpu, gpu = burda_vae(), torch.device("cpu"), torch.device("cuda")
+    assert weights_function(vae, "auto", COMPILE_AUTO_MIN_CODES - 1, cpu) is None
+    compiled = weights_function(vae, "auto", COMPILE_AUTO_MIN_CODES, cpu)
+    assert isinstance(compiled, CompiledLogWeights)
+    assert weights_function(vae, "auto", 10**9, gpu) is None
+    assert isinstance(weights_function(vae, True, 10, cpu), CompiledLogWeights)
+    assert weights_function(vae, False, 10**9, cpu) is None
+    with pytest.raises(
+        ConfigError, match="eval.compile must be one of auto, true, false, got 'yes'"
+    ):
+        weights_function(vae, "yes", 10, cpu)

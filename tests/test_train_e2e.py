@@ -223,10 +223,30 @@ def test_evaluate_refuses_foreign_targets(trained_run, data_dir, tmp_path):
     )
 
 
+def test_evaluate_compiled_and_eager_give_the_same_numbers(trained_run, data_dir, tmp_path):
+    """eval.compile=true runs the importance weights through torch.compile: same seed, same
+    draws, the same metrics up to float rounding."""
+    reports = {}
+    for choice in ("true", "false"):
+        log_dir = tmp_path / choice / "logs"
+        log_dir.parent.mkdir()
+        result = evaluate(trained_run, data_dir, log_dir, f"eval.compile={choice}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "torch.compile failed" not in result.stderr
+        metrics = json.loads((only_run_dir(log_dir, "evaluate") / "metrics.json").read_text())
+        reports[choice] = metrics["metrics"]
+    for name in ("test/nll_is", "test/elbo_is"):
+        assert reports["true"][name] == pytest.approx(reports["false"][name], abs=1e-4)
+
+
 def test_evaluate_bad_k_and_empty_sweep(trained_run, data_dir, tmp_path):
     assert_one_line_error(
         evaluate(trained_run, data_dir, tmp_path / "logs", "eval.k=0"),
         "eval.k must be an integer >= 1, got 0",
+    )
+    assert_one_line_error(
+        evaluate(trained_run, data_dir, tmp_path / "logs", "eval.compile=yes"),
+        "eval.compile must be one of auto, true, false, got 'yes'",
     )
     empty = tmp_path / "sweep"
     empty.mkdir()

@@ -25,7 +25,7 @@ from vaelab.build import build_datamodule, build_module
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
-from vaelab.evaluation.metrics import evaluate_split, summarise
+from vaelab.evaluation.metrics import check_compile_choice, evaluate_split, summarise
 from vaelab.evaluation.sweep import evaluate_sweep, is_sweep_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def check_eval_config(cfg: DictConfig) -> None:
         isinstance(e.max_codes, int) and e.max_codes >= 1,
         f"eval.max_codes must be an integer >= 1, got {e.max_codes!r}",
     )
+    check_compile_choice(e.get("compile", "auto"))
     require(
         e.limit is None or (isinstance(e.limit, int) and e.limit >= 1),
         f"eval.limit must be null or an integer >= 1, got {e.limit!r}",
@@ -99,6 +100,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         device,
         limit=cfg.eval.limit,
         probabilistic=probabilistic,
+        compile=cfg.eval.get("compile", "auto"),
     )
     is_metrics, per_dim = summarise(results, split, datamodule.num_dims, datamodule.bpd_offset)
     metrics.update(is_metrics)

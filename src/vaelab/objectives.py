@@ -16,11 +16,13 @@ no ELBO and reports its distortion only).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Independent, Normal, kl_divergence
 
 from vaelab.errors import require, require_int, require_number
 from vaelab.vae import VAE
@@ -213,15 +215,27 @@ class Autoencoder:
         return f"Autoencoder(reconstruction={self.reconstruction!r})"
 
 
-def log_importance_weights(vae: VAE, x: Tensor, q: Distribution, n: int) -> Tensor:
-    """log w_i = log p(x, z_i) - log q(z_i) for n draws z_i ~ q: shape (n, B)."""
-    z = q.sample((n,))  # (n, B, latent_dim)
+#: log w = log p(x, z) - log q(z|x) from (x, z, posterior loc, posterior scale): `log_weights`
+#: or a compiled version of it.
+LogWeightsFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def log_weights(vae: VAE, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    """log w_i = log p(x, z_i) - log q(z_i|x) for codes z (n, B, latent_dim) drawn from the
+    posterior q = N(loc, diag scale^2) (loc, scale: (B, latent_dim)): shape (n, B). Tensors in,
+    tensors out, so that `torch.compile` can fuse it into a few kernels."""
+    q = Independent(Normal(loc, scale), 1)
     return vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
 
 
 @torch.no_grad()
 def iwae_bound(
-    vae: VAE, x: Tensor, k: int, max_codes: int = 5000, inputs: Tensor | None = None
+    vae: VAE,
+    x: Tensor,
+    k: int,
+    max_codes: int = 5000,
+    inputs: Tensor | None = None,
+    weights_fn: LogWeightsFn | None = None,
 ) -> dict[str, Tensor]:
     """Importance-weighted bound L_k (Burda et al. 2015) per example, and the ELBO from the same
     weights.
@@ -232,15 +246,21 @@ def iwae_bound(
     times batch size), combined with a running log-sum-exp, so memory stays bounded for any k.
     Returns `log_likelihood` (L_k) and `elbo` (the mean log-weight, a Monte-Carlo ELBO), each (B,).
     The proposal is q(z|inputs) (default x): any proposal gives an unbiased estimate of p(x), so
-    a denoising model's q(z|noisy x) estimates the likelihood of the clean x.
+    a denoising model's q(z|noisy x) estimates the likelihood of the clean x. `weights_fn`
+    replaces `log_weights(vae, ...)`, e.g. by a compiled version of it; the codes are drawn
+    outside it, so both see the same random numbers.
     """
     require(isinstance(k, int) and k >= 1, f"eval.k must be an integer >= 1, got {k!r}")
+    if weights_fn is None:
+        weights_fn = functools.partial(log_weights, vae)
     q = vae.posterior(x if inputs is None else inputs)
+    loc, scale = q.base_dist.loc, q.base_dist.scale
     chunk = max(1, min(k, max_codes // len(x)))
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)
     for start in range(0, k, chunk):
-        log_w = log_importance_weights(vae, x, q, min(chunk, k - start))  # (n, B)
+        z = q.sample((min(chunk, k - start),))  # (n, B, latent_dim)
+        log_w = weights_fn(x, z, loc, scale)  # (n, B)
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
         weight_sum += log_w.sum(0)
     return dict(log_likelihood=log_sum - math.log(k), elbo=weight_sum / k)
