@@ -44,20 +44,18 @@ class CompiledLogWeights:
     loops: 1.1-1.25x the eager throughput for the MLP VAEs here on a CPU (benchmarks/nll_is.py),
     up to 2x for small image batches. Shapes are static (one compilation per chunk shape,
     usually one). If compiling fails (no C++ compiler on a CPU machine, an unsupported module),
-    the first call says so in one warning and every call runs eagerly; the numbers are the same
-    up to float rounding.
+    one warning says so and every call from then on runs eagerly; the numbers are the same up to
+    float rounding.
     """
 
     def __init__(self, vae: VAE) -> None:
         self.eager: LogWeightsFn = functools.partial(log_weights, vae)
         self.fn: LogWeightsFn = torch.compile(self.eager, dynamic=False)
-        self.tried = False
 
     def __call__(self, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-        if self.tried:
-            return self.fn(x, z, loc, scale)
-        self.tried = True
-        try:
+        if self.fn is self.eager:
+            return self.eager(x, z, loc, scale)
+        try:  # compilation happens on a call: the first, and any with a new chunk shape
             return self.fn(x, z, loc, scale)
         except Exception as e:  # any failure of the compiler stack: fall back, do not stop
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -67,7 +65,7 @@ class CompiledLogWeights:
                 first_line[:200],
             )
             self.fn = self.eager
-            return self.fn(x, z, loc, scale)
+            return self.eager(x, z, loc, scale)
 
 
 def check_compile_choice(compile: object) -> None:
