@@ -123,11 +123,7 @@ def evaluate_split(
     likelihood and no KL, which are undefined for it. `compile`: see `weights_function`."""
     results = SplitResults()
     examples = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
-    weights_fn = (
-        weights_function(vae, compile, k * examples, torch.device(device))
-        if probabilistic
-        else None
-    )
+    weights_fn = weights_function(vae, compile, k * examples, device) if probabilistic else None
     seen = 0
     for batch in loader:
         if limit is not None and seen >= limit:
