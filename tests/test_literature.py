@@ -12,10 +12,12 @@ from conftest import compose_train, run_script, tiny
 from test_evaluation import approximate_posterior_vae, replay_draws
 from test_math import linear_data
 
+from vaelab import schedules
 from vaelab.build import build_datamodule, build_module
+from vaelab.errors import ConfigError
 from vaelab.evaluation.metrics import CompiledLogWeights
 from vaelab.objectives import iwae_bound
-from vaelab.schedules import StageDecay
+from vaelab.schedules import StageDecay, TimeCosine, budget_seconds
 
 PAPER_LR = 1e-3
 
@@ -45,6 +47,72 @@ def test_scheduler_gives_the_papers_learning_rates(data_dir, tmp_path):
     for i, start in enumerate([0, 1, 4, 13, 40, 121, 364, 1093]):
         assert rates[start] == pytest.approx(PAPER_LR * 10 ** (-i / 7), rel=1e-12)
     assert rates[-1] == pytest.approx(PAPER_LR * 10**-1)
+
+
+def test_time_cosine_follows_the_clock_and_continues_after_a_resume(monkeypatch):
+    """scheduler=time_cosine: lr = lr0 (1 + cos(pi t / budget)) / 2 at t seconds of training, 0
+    after the budget; a resumed run continues from the saved t, the pause not counted."""
+    now = [1000.0]
+    monkeypatch.setattr(schedules.time, "monotonic", lambda: now[0])
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def cosine(t):
+        return 2.0 * 0.5 * (1 + math.cos(math.pi * min(t / 100, 1.0)))
+
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = TimeCosine(optimizer, "00:00:01:40")  # 100 s
+    assert optimizer.param_groups[0]["lr"] == 2.0
+    for t in (25, 50, 75):
+        now[0] = 1000.0 + t
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine(t), abs=1e-12)
+    state = scheduler.state_dict()
+    assert "_clock" not in state and state["elapsed_s"] == 75
+
+    now[0] = 9000.0  # a new process, hours later
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    resumed = TimeCosine(optimizer, 100)
+    resumed.load_state_dict(state)
+    for t, after in ((10, 85), (30, 105)):
+        now[0] = 9000.0 + t
+        optimizer.step()
+        resumed.step()
+        assert resumed.elapsed_s == after
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine(after), abs=1e-12)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "budget,seconds",
+    [("00:00:20:00", 1200), ("01:02:03:04", 93784), ({"minutes": 20}, 1200), (90, 90)],
+)
+def test_budget_accepts_what_trainer_max_time_accepts(budget, seconds):
+    assert budget_seconds(budget) == seconds
+
+
+@pytest.mark.parametrize("bad", [None, "20 minutes", "00:20:00", 0, -5, True, {"fortnights": 1}])
+def test_bad_budget_is_refused_naming_the_value(bad):
+    with pytest.raises(ConfigError, match="scheduler.budget must be a positive duration"):
+        budget_seconds(bad)
+
+
+def test_time_cosine_without_max_time_is_a_clear_error(data_dir, tmp_path):
+    cfg = compose_train([*tiny(data_dir), "scheduler=time_cosine"], output_dir=tmp_path)
+    module = build_module(cfg, build_datamodule(cfg))
+    with pytest.raises(ConfigError, match=r"trainer.max_time, or seconds\), got None"):
+        module.configure_optimizers()
+
+
+def test_cpu_budget_preset_anneals_over_its_twenty_minutes(data_dir, tmp_path):
+    cfg = compose_train(["experiment=mnist_cpu_budget"])
+    assert cfg.model.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
+    assert cfg.hydra.runtime.choices.objective == "iwae" and cfg.objective.k == 3
+    assert cfg.data.batch_size == 250 and cfg.final_evaluation.k == 5000
+    cfg = compose_train([*tiny(data_dir), "experiment=mnist_cpu_budget"], output_dir=tmp_path)
+    module = build_module(cfg, build_datamodule(cfg))
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, TimeCosine) and scheduler.budget_s == 20 * 60
 
 
 @pytest.mark.parametrize("preset,k", [("burda2015_vae", None), ("burda2015_iwae", 50)])
