@@ -84,7 +84,7 @@ class CompiledLogWeights:
     library calls, and everything between and after them (activations, the likelihood's
     per-pixel log-probs and their sum, prior and posterior log-densities) becomes a few fused
     loops, with the Bernoulli sum of `bernoulli_log_prob_sum` and the exp-based tanh of
-    `compile_options`: 1.2-1.5x the eager throughput for the MLP VAEs here on a CPU
+    `compile_options`: 1.4-2.1x the eager throughput for the MLP VAEs here on a CPU
     (benchmarks/nll_is.py). Shapes are static (one compilation per chunk shape, usually one). If
     compiling fails (no C++ compiler on a CPU machine, an unsupported module), one warning says
     so and every call from then on runs eagerly; the numbers are the same up to float rounding.
