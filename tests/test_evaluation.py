@@ -18,7 +18,6 @@ from test_math import (
     linear_gaussian_model,
     linear_vae,
 )
-from torch.distributions import Bernoulli, Independent
 
 from vaelab.build import build_vae
 from vaelab.errors import ConfigError
@@ -26,12 +25,10 @@ from vaelab.evaluation.metrics import (
     COMPILE_AUTO_MIN_CODES,
     CompiledLogWeights,
     SplitResults,
-    bernoulli_log_prob_sum,
-    fast_log_weights,
     summarise,
     weights_function,
 )
-from vaelab.objectives import ELBO, iwae_bound, log_weights
+from vaelab.objectives import ELBO, iwae_bound
 
 
 def approximate_posterior_vae():
@@ -146,39 +143,6 @@ def burda_vae():
     cfg = compose_train(["experiment=mnist_cpu_budget"])
     torch.manual_seed(0)
     return build_vae(cfg, (1, 28, 28)).eval()
-
-
-@pytest.mark.parametrize("pixels", [784, 12, 7])
-def test_grouped_bernoulli_log_prob_sum_matches_torch_distributions(pixels):
-    """The compiled path's Bernoulli sum (one log per group of pixels) against
-    torch.distributions, with logits from tiny to huge (where exp overflows a naive softplus),
-    for pixel counts that 16 divides, that only 4 divides, and that nothing divides."""
-    gen = torch.Generator().manual_seed(0)
-    scale = torch.tensor([1e-3, 1.0, 10.0, 100.0, 1e4]).repeat_interleave(20)[:, None, None]
-    logits = torch.randn(100, 3, pixels, generator=gen) * scale  # (n, B, D)
-    x = (torch.rand(3, pixels, generator=gen) < 0.4).float()
-    expected = Independent(Bernoulli(logits=logits.double()), 1).log_prob(x.double())
-    got = bernoulli_log_prob_sum(logits, x)
-    assert got.shape == (100, 3) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-6)
-
-
-def test_fast_log_weights_equal_log_weights():
-    """fast_log_weights (the function that gets compiled) gives log_weights' numbers eagerly:
-    for the Bernoulli likelihood through the grouped sum, for others through log_weights."""
-    bernoulli = burda_vae()
-    x = (torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
-    gaussian, weight, bias = approximate_posterior_vae()
-    for vae, data in [(bernoulli, x), (gaussian, linear_data(weight, bias, n=3))]:
-        q = vae.posterior(data)
-        z = q.sample((50,))
-        loc, scale = q.base_dist.loc, q.base_dist.scale
-        torch.testing.assert_close(
-            fast_log_weights(vae, data, z, loc, scale),
-            log_weights(vae, data, z, loc, scale),
-            atol=1e-4,
-            rtol=1e-6,
-        )
 
 
 @pytest.mark.slow

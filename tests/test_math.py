@@ -9,12 +9,20 @@ import math
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.distributions import MultivariateNormal, kl_divergence
+from torch.distributions import Independent, MultivariateNormal, kl_divergence
 
 from vaelab.errors import ConfigError
-from vaelab.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, GaussianFixed, bounded
+from vaelab.likelihoods import (
+    Bernoulli,
+    BernoulliImages,
+    ContinuousBernoulli,
+    Gaussian,
+    GaussianFixed,
+    bernoulli_log_prob_sum,
+    bounded,
+)
 from vaelab.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
-from vaelab.objectives import ELBO
+from vaelab.objectives import ELBO, IWAE
 from vaelab.priors import StandardNormal
 from vaelab.vae import VAE
 
@@ -67,6 +75,68 @@ def test_bernoulli_log_prob_matches_formula():
 def test_bernoulli_log_prob_of_certain_pixels_is_zero():
     logits = torch.full((2, 1, 2, 2), 30.0)
     assert torch.allclose(Bernoulli()(logits).log_prob(torch.ones(2, 1, 2, 2)), torch.zeros(2))
+
+
+@pytest.mark.parametrize("pixels", [784, 12, 7])
+def test_grouped_bernoulli_log_prob_sum_matches_torch_distributions(pixels):
+    """The Bernoulli sum with one log per group of pixels against torch.distributions' per-pixel
+    log-probs (float64), with logits from tiny to huge (where exp overflows a naive softplus and
+    confident pixels would cancel in a naive sum), for pixel counts that 16 divides, that only 4
+    divides, and that nothing divides."""
+    gen = generator(0)
+    scale = torch.tensor([1e-3, 1.0, 10.0, 100.0, 1e4]).repeat_interleave(20)[:, None, None]
+    logits = torch.randn(100, 3, pixels, generator=gen) * scale  # (n, B, D)
+    x = (torch.rand(3, pixels, generator=gen) < 0.4).float()
+    expected = Independent(torch.distributions.Bernoulli(logits=logits.double()), 1).log_prob(
+        x.double()
+    )
+    got = bernoulli_log_prob_sum(logits, x)
+    assert got.shape == (100, 3) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-6)
+
+
+def torch_bernoulli_images(logits: Tensor, validate_args: bool | None = None) -> Independent:
+    base = torch.distributions.Bernoulli(logits=logits, validate_args=validate_args)
+    return Independent(base, 3, validate_args=validate_args)
+
+
+def test_bernoulli_images_gradients_match_torch_distributions():
+    """BernoulliImages' own backward (d/dl = x - sigmoid(l), d/dx = l) gives torch's gradients
+    through the per-pixel log-probs, for logits with sample dims broadcast against the images
+    and for soft targets that need a gradient themselves."""
+    logits = 5 * torch.randn(4, B, C, H, W, generator=generator(0), dtype=torch.float64)
+    x = torch.rand(B, C, H, W, generator=generator(1), dtype=torch.float64)
+    weights = torch.randn(4, B, generator=generator(2), dtype=torch.float64)
+    grads = []
+    for dist in (BernoulliImages, torch_bernoulli_images):
+        leaf_logits, leaf_x = logits.clone().requires_grad_(), x.clone().requires_grad_()
+        log_prob = dist(leaf_logits, validate_args=False).log_prob(leaf_x)  # soft targets
+        assert log_prob.shape == (4, B)
+        grads.append(
+            (log_prob, *torch.autograd.grad((weights * log_prob).sum(), [leaf_logits, leaf_x]))
+        )
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(
+        lambda lg, v: BernoulliImages(lg, validate_args=False).log_prob(v),
+        (logits[:, :2].detach().requires_grad_(), x[:2].detach().requires_grad_()),
+    )
+
+
+def test_bernoulli_images_behave_as_independent_bernoulli():
+    """BernoulliImages is torch's Independent(Bernoulli, 3) in everything but speed: shapes,
+    mean, entropy, KL, expand and sampling."""
+    logits = torch.randn(B, C, H, W, generator=generator(0))
+    ours, theirs = Bernoulli()(logits), torch_bernoulli_images(logits)
+    assert isinstance(ours, Independent)
+    assert (ours.batch_shape, ours.event_shape) == (theirs.batch_shape, theirs.event_shape)
+    torch.testing.assert_close(ours.mean, theirs.mean)
+    torch.testing.assert_close(ours.entropy(), theirs.entropy())
+    other = torch_bernoulli_images(torch.zeros(B, C, H, W))
+    torch.testing.assert_close(kl_divergence(ours, other), kl_divergence(theirs, other))
+    expanded = Bernoulli()(logits[:1]).expand((3,))
+    assert isinstance(expanded, BernoulliImages) and expanded.batch_shape == (3,)
+    assert ours.sample((2,)).shape == (2, B, C, H, W)
 
 
 def test_gaussian_log_prob_matches_formula_with_bounded_log_var():
@@ -295,6 +365,31 @@ def small_vae(latent_dim: int = 3) -> VAE:
 
 def binary_batch(n: int = 6, seed: int = 0) -> Tensor:
     return torch.bernoulli(torch.full((n, 1, 4, 4), 0.4), generator=generator(seed))
+
+
+@pytest.mark.parametrize("objective", [ELBO(), IWAE(k=3)], ids=repr)
+def test_mixed_precision_scores_in_float32(objective):
+    """Under bfloat16 autocast (trainer.precision=bf16-mixed) the networks' matrix products run
+    in bfloat16, but the posterior, the likelihood's parameters, the KL, the importance weights
+    and the loss are float32, and the float32 weights get float32 gradients. The loss is that of
+    float32 training up to the rounding of the network outputs."""
+    torch.manual_seed(0)
+    vae, x = small_vae(), binary_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vae.encoder(x).dtype == torch.bfloat16  # autocast is on
+        q = vae.posterior(x)
+        assert q.base_dist.loc.dtype == q.base_dist.scale.dtype == torch.float32
+        assert vae.decode(q.rsample((2,))).base_dist.logits.dtype == torch.float32
+        torch.manual_seed(1)
+        parts = objective(vae, x)
+    assert all(
+        value.dtype == torch.float32 for value in parts.values() if value.is_floating_point()
+    )
+    parts["loss"].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in vae.parameters())
+    torch.manual_seed(1)
+    full = objective(vae, x)
+    torch.testing.assert_close(parts["loss"], full["loss"], rtol=0.02, atol=0.05)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])

@@ -4,13 +4,16 @@ Each likelihood says how many parameters per pixel value it needs (`params_per_p
 returns an `Independent` distribution whose event is one whole image (C, H, W), so `log_prob(x)`
 is one number per example, in nats.
 
-- Bernoulli: logits; for binary pixels.
+- Bernoulli: logits; for binary pixels. Its `log_prob` is torch's, summed over the image by a
+  faster route (`BernoulliImages`): the likelihood is most of a small VAE's step on a CPU.
 - Gaussian: per-pixel mean and log-variance, as in Kingma & Welling (2013), Appendix C.2.
 - GaussianFixed: per-pixel mean, one fixed standard deviation `sigma`.
 - ContinuousBernoulli: Loaiza-Ganem & Cunningham (2019), a normalised density on [0, 1].
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -39,7 +42,72 @@ class Bernoulli(Likelihood):
     binary_data = True
 
     def __call__(self, params: Tensor) -> Distribution:
-        return Independent(torch.distributions.Bernoulli(logits=params), IMAGE_EVENT_DIMS)
+        return BernoulliImages(params)
+
+
+#: Pixels whose factors 1 + exp(-|logit|) (each in (1, 2]) are multiplied before one log is taken
+#: in `bernoulli_log_prob_sum`: the product stays below 2^16, far from float32 overflow.
+LOG_GROUP = 16
+
+
+def bernoulli_log_prob_sum(logits: Tensor, x: Tensor) -> Tensor:
+    """sum_d log Bernoulli(x_d | logits_d) over the last dim (x broadcasts against logits): what
+    `Independent(Bernoulli(logits=...), 1).log_prob(x)` computes, in fewer and cheaper passes.
+    log p = x l - softplus(l), softplus(l) = max(l, 0) + log(1 + exp(-|l|)); the factors
+    1 + exp(-|l|) of groups of LOG_GROUP pixels are multiplied and one log is taken per group,
+    instead of one log1p per pixel (the transcendental that dominates the per-pixel cost on a
+    CPU, eagerly and compiled). Each product is below 2^LOG_GROUP and exact to a few float32 ulps;
+    x l - max(l, 0) is formed per pixel before summing, so huge, confident logits do not cancel
+    in the sum: it agrees with torch.distributions to about 1e-5 nats. A last dim that LOG_GROUP
+    does not divide is grouped by the largest power of two that divides it."""
+    group = math.gcd(logits.shape[-1], LOG_GROUP)
+    factors = logits.abs().neg_().exp_().add_(1.0).unflatten(-1, (-1, group)).prod(-1)
+    linear = torch.addcmul(logits.clamp(min=0).neg_(), logits, x)  # x l - max(l, 0)
+    return linear.sum(-1) - factors.log_().sum(-1)
+
+
+class _BernoulliLogProbSum(torch.autograd.Function):
+    """`bernoulli_log_prob_sum` with its gradient in one pass: d/dl = x - sigmoid(l), d/dx = l
+    (torch's own backward of the per-pixel form takes several)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, x)
+        return bernoulli_log_prob_sum(logits, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        logits, x = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).sub_(x).mul_(-grad).sum_to_size(logits.shape)
+        if ctx.needs_input_grad[1]:
+            grad_x = (grad * logits).sum_to_size(x.shape)
+        return grad_logits, grad_x
+
+
+class BernoulliImages(Independent):
+    """`Independent(Bernoulli(logits), 3)`: pixels independent given z, one image per event, with
+    `log_prob` summed over the pixels by `bernoulli_log_prob_sum` (3-4x faster than the per-pixel
+    log-probs summed, forward and backward, the same numbers to float rounding)."""
+
+    def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
+        base = torch.distributions.Bernoulli(logits=logits, validate_args=validate_args)
+        super().__init__(base, IMAGE_EVENT_DIMS, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> BernoulliImages:
+        shape = torch.Size(batch_shape) + self.event_shape
+        return BernoulliImages(self.base_dist.logits.expand(shape), self._validate_args)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = self.base_dist.logits.flatten(-IMAGE_EVENT_DIMS)
+        value = value.flatten(-IMAGE_EVENT_DIMS).to(logits.dtype)
+        if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
+            return _BernoulliLogProbSum.apply(logits, value)
+        return bernoulli_log_prob_sum(logits, value)
 
 
 class Gaussian(Likelihood):

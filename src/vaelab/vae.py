@@ -52,13 +52,13 @@ class VAE(nn.Module):
 
     def posterior(self, x: Tensor) -> Distribution:
         """q(z|x): a diagonal Gaussian with event shape (latent_dim,), batch shape (B,)."""
-        mean, log_var = self.encoder(x).chunk(2, dim=-1)  # each (B, latent_dim)
+        mean, log_var = at_least_float32(self.encoder(x)).chunk(2, dim=-1)  # each (B, latent_dim)
         log_var = self.bound_log_var(log_var)
         return Independent(Normal(mean, torch.exp(0.5 * log_var)), 1)
 
     def decode(self, z: Tensor) -> Distribution:
         """p(x|z) for codes z of shape (*S, latent_dim): batch shape S, event (C, H, W)."""
-        params = self.decoder(z.reshape(-1, self.latent_dim))  # (N, P*C, H, W)
+        params = at_least_float32(self.decoder(z.reshape(-1, self.latent_dim)))  # (N, P*C, H, W)
         return self.likelihood(params.view(*z.shape[:-1], *params.shape[1:]))
 
     def sample(self, n: int) -> Tensor:
@@ -68,3 +68,10 @@ class VAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x|z) at the posterior mean z = mu(x): (B, C, H, W)."""
         return self.decode(self.posterior(x).mean).mean
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """Network outputs in float16 / bfloat16 (mixed-precision training: autocast runs the matrix
+    products in the lower precision) in float32, so that the distributions' densities, the KL and
+    the importance weights are computed in float32; float32 and float64 pass through."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+from torch.distributions import kl_divergence
 from torch.utils.data import DataLoader
 
 from vaelab.data import MNISTFamilyDataModule
@@ -37,38 +37,6 @@ COMPILE_CHOICES = ("auto", True, False)
 COMPILE_AUTO_MIN_CODES = 1_000_000
 
 
-#: Pixels whose factors 1 + exp(-|logit|) (each in (1, 2]) are multiplied before one log is taken
-#: in `bernoulli_log_prob_sum`: the product stays below 2^16, far from float32 overflow.
-LOG_GROUP = 16
-
-
-def bernoulli_log_prob_sum(logits: Tensor, x: Tensor) -> Tensor:
-    """sum_d log Bernoulli(x_d | logits_d) over the last dim: what
-    `Independent(Bernoulli(logits=...), 1).log_prob(x)` computes, arranged for a fast compiled
-    loop on a CPU. log p = x l - softplus(l), softplus(l) = max(l, 0) + log(1 + exp(-|l|)); the
-    factors 1 + exp(-|l|) of groups of LOG_GROUP pixels are multiplied and one log is taken per
-    group, instead of one log1p per pixel (the transcendental that dominated the per-pixel cost
-    here). Each product is below 2^LOG_GROUP and exact to a few float32 ulps, so the sum agrees
-    with torch.distributions to about 1e-5 nats. A last dim that LOG_GROUP does not divide is
-    grouped by the largest power of two that divides it."""
-    group = math.gcd(logits.shape[-1], LOG_GROUP)
-    factors = (torch.exp(-logits.abs()) + 1.0).unflatten(-1, (-1, group)).prod(-1)
-    return (x * logits - logits.clamp(min=0)).sum(-1) - torch.log(factors).sum(-1)
-
-
-def fast_log_weights(vae: VAE, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """`log_weights`, with the Bernoulli likelihood's log-prob summed by `bernoulli_log_prob_sum`
-    (other likelihoods: their torch.distributions log_prob, as in `log_weights`)."""
-    p = vae.decode(z)
-    base = p.base_dist if isinstance(p, Independent) else None
-    if type(base) is not Bernoulli or "logits" not in base.__dict__:
-        return log_weights(vae, x, z, loc, scale)
-    event_dims = p.reinterpreted_batch_ndims
-    log_px = bernoulli_log_prob_sum(base.logits.flatten(-event_dims), x.flatten(-event_dims))
-    q = Independent(Normal(loc, scale), 1)
-    return log_px + vae.prior().log_prob(z) - q.log_prob(z)
-
-
 def compile_options() -> dict[str, bool]:
     """Inductor options for the compiled weights: tanh as 2 / (1 + exp(-2x)) - 1 on a CPU (1.5x
     faster than the vectorised library tanh here; off by default in torch for a relative error
@@ -83,18 +51,17 @@ class CompiledLogWeights:
     """`log_weights` of one VAE through `torch.compile`: the decoder's matrix products stay
     library calls, and everything between and after them (activations, the likelihood's
     per-pixel log-probs and their sum, prior and posterior log-densities) becomes a few fused
-    loops, with the Bernoulli sum of `bernoulli_log_prob_sum` and the exp-based tanh of
-    `compile_options`: 1.4-2.1x the eager throughput for the MLP VAEs here on a CPU
-    (benchmarks/nll_is.py). Shapes are static (one compilation per chunk shape, usually one). If
-    compiling fails (no C++ compiler on a CPU machine, an unsupported module), one warning says
-    so and every call from then on runs eagerly; the numbers are the same up to float rounding.
+    loops (the Bernoulli likelihood's grouped sum, `vaelab.likelihoods.bernoulli_log_prob_sum`,
+    fuses into one), with the exp-based tanh of `compile_options` (benchmarks/nll_is.py has the
+    figures against the eager path and a plain loop). Shapes are static (one compilation per
+    chunk shape, usually one). If compiling fails (no C++ compiler on a CPU machine, an
+    unsupported module), one warning says so and every call from then on runs eagerly; the
+    numbers are the same up to float rounding.
     """
 
     def __init__(self, vae: VAE) -> None:
         self.eager: LogWeightsFn = functools.partial(log_weights, vae)
-        self.fn: LogWeightsFn = torch.compile(
-            functools.partial(fast_log_weights, vae), dynamic=False, options=compile_options()
-        )
+        self.fn: LogWeightsFn = torch.compile(self.eager, dynamic=False, options=compile_options())
 
     def __call__(self, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
         if self.fn is self.eager:
