@@ -117,26 +117,35 @@ def test_bernoulli_images_gradients_match_torch_distributions():
         )
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs)
-    assert torch.autograd.gradcheck(
-        lambda lg, v: BernoulliImages(lg, validate_args=False).log_prob(v),
-        (logits[:, :2].detach().requires_grad_(), x[:2].detach().requires_grad_()),
-    )
+    # and images with more leading dims than the logits (one decoded batch scored on many images)
+    images = torch.rand(3, 1, B, C, H, W, generator=generator(3), dtype=torch.float64)
+    grads = []
+    for dist in (BernoulliImages, torch_bernoulli_images):
+        leaf_logits = logits[0].clone().requires_grad_()
+        log_prob = dist(leaf_logits, validate_args=False).log_prob(images)
+        assert log_prob.shape == (3, 1, B)
+        grads.append((log_prob, *torch.autograd.grad(log_prob.sum(), leaf_logits)))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    inputs = (logits[:, :2].detach().requires_grad_(), x[:2].detach().requires_grad_())
+    fn = lambda lg, v: BernoulliImages(lg, validate_args=False).log_prob(v)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_bernoulli_images_behave_as_independent_bernoulli():
-    """BernoulliImages is torch's Independent(Bernoulli, 3) in everything but speed: shapes,
-    mean, entropy, KL, expand and sampling."""
-    logits = torch.randn(B, C, H, W, generator=generator(0))
-    ours, theirs = Bernoulli()(logits), torch_bernoulli_images(logits)
-    assert isinstance(ours, Independent)
-    assert (ours.batch_shape, ours.event_shape) == (theirs.batch_shape, theirs.event_shape)
-    torch.testing.assert_close(ours.mean, theirs.mean)
-    torch.testing.assert_close(ours.entropy(), theirs.entropy())
-    other = torch_bernoulli_images(torch.zeros(B, C, H, W))
-    torch.testing.assert_close(kl_divergence(ours, other), kl_divergence(theirs, other))
-    expanded = Bernoulli()(logits[:1]).expand((3,))
-    assert isinstance(expanded, BernoulliImages) and expanded.batch_shape == (3,)
-    assert ours.sample((2,)).shape == (2, B, C, H, W)
+def test_bernoulli_images_expand_and_half_precision():
+    """BernoulliImages.expand gives a BernoulliImages with torch's expanded log-probs; float16
+    logits (whose 16-factor products would overflow float16) are scored in float32."""
+    logits = 3 * torch.randn(1, C, H, W, generator=generator(0))
+    x = torch.bernoulli(torch.full((4, C, H, W), 0.5), generator=generator(1))
+    expanded = Bernoulli()(logits).expand((4,))
+    assert isinstance(expanded, BernoulliImages) and expanded.batch_shape == (4,)
+    reference = torch_bernoulli_images(logits).expand((4,))
+    torch.testing.assert_close(expanded.log_prob(x), reference.log_prob(x))
+    even = torch.zeros(2, 1, 4, 4).half()  # 16 pixels, each factor 1 + e^0 = 2: 2^16 > 65504
+    log_prob = Bernoulli()(even).log_prob(torch.ones(2, 1, 4, 4))
+    assert log_prob.dtype == torch.float32
+    torch.testing.assert_close(log_prob, torch.full((2,), 16 * math.log(0.5)))
 
 
 def test_gaussian_log_prob_matches_formula_with_bounded_log_var():

@@ -129,6 +129,7 @@ def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, t
     )
     assert -metrics["test/nll_is"] >= metrics["test/elbo"] - 1.0  # L_k is the tighter bound
     assert report["k"] == 20 and "binary pixels" in report["pixel_model"]
+    assert report["seconds"] > 0 and report["device"] == "cpu"
     assert len(report["kl_per_dim_sorted"]) == 4
     assert report["kl_per_dim_sorted"] == sorted(report["kl_per_dim_sorted"], reverse=True)
     assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]

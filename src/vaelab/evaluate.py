@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     probabilistic = getattr(module.objective, "probabilistic", True)
+    start = time.perf_counter()
     results = evaluate_split(
         vae,
         loader,
@@ -102,6 +104,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         probabilistic=probabilistic,
         compile=cfg.eval.get("compile", "auto"),
     )
+    seconds = time.perf_counter() - start
     is_metrics, per_dim = summarise(results, split, datamodule.num_dims, datamodule.bpd_offset)
     metrics.update(is_metrics)
 
@@ -111,6 +114,9 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         "split": split,
         "k": cfg.eval.k,
         "examples_importance_sampled": sum(len(t) for t in results.log_likelihood),
+        # wall time of the pass over the split (importance sampling, posterior diagnostics)
+        "seconds": round(seconds, 3),
+        "device": str(device),
         "objective": repr(module.objective),
         "denoising": datamodule.noise if datamodule.noise != "none" else None,
         "pixel_model": datamodule.pixel_model,
@@ -205,7 +211,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"nll_is: {report['nll_is']}"
         if "nll_is" in report
         else f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "
-        f"{report['split']} examples",
+        f"{report['split']} examples, {report['seconds']:.1f} s on {report['device']}",
     ]
     lines += [f"  {name:<{width}}  {value:12.4f}" for name, value in sorted(metrics.items())]
     return "\n".join(lines)

@@ -59,7 +59,8 @@ def bernoulli_log_prob_sum(logits: Tensor, x: Tensor) -> Tensor:
     CPU, eagerly and compiled). Each product is below 2^LOG_GROUP and exact to a few float32 ulps;
     x l - max(l, 0) is formed per pixel before summing, so huge, confident logits do not cancel
     in the sum: it agrees with torch.distributions to about 1e-5 nats. A last dim that LOG_GROUP
-    does not divide is grouped by the largest power of two that divides it."""
+    does not divide is grouped by the largest power of two up to 16 that divides it. Takes float32
+    or float64 (a product of 16 factors can exceed float16's range)."""
     group = math.gcd(logits.shape[-1], LOG_GROUP)
     factors = logits.abs().neg_().exp_().add_(1.0).unflatten(-1, (-1, group)).prod(-1)
     linear = torch.addcmul(logits.clamp(min=0).neg_(), logits, x)  # x l - max(l, 0)
@@ -80,8 +81,8 @@ class _BernoulliLogProbSum(torch.autograd.Function):
         logits, x = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         grad_logits = grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_logits = torch.sigmoid(logits).sub_(x).mul_(-grad).sum_to_size(logits.shape)
+        if ctx.needs_input_grad[0]:  # out of place: x may broadcast logits; double backward
+            grad_logits = ((x - torch.sigmoid(logits)) * grad).sum_to_size(logits.shape)
         if ctx.needs_input_grad[1]:
             grad_x = (grad * logits).sum_to_size(x.shape)
         return grad_logits, grad_x
@@ -103,7 +104,10 @@ class BernoulliImages(Independent):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits = self.base_dist.logits.flatten(-IMAGE_EVENT_DIMS)
+        logits = self.base_dist.logits
+        if logits.dtype in (torch.float16, torch.bfloat16):  # a product of 16 factors overflows
+            logits = logits.float()  # float16; VAE.decode hands over float32 already
+        logits = logits.flatten(-IMAGE_EVENT_DIMS)
         value = value.flatten(-IMAGE_EVENT_DIMS).to(logits.dtype)
         if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
             return _BernoulliLogProbSum.apply(logits, value)

@@ -106,8 +106,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def final_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the run's best checkpoint as `evaluate.py run=<run dir>` would, with the
-    `final_evaluation` settings (e.g. k) as eval.* overrides, into <run dir>/evaluation."""
+    """Evaluate the run's checkpoint (best, unless `final_evaluation.checkpoint` says last) as
+    `evaluate.py run=<run dir>` would, with the `final_evaluation` settings (e.g. k) as eval.*
+    overrides, into <run dir>/evaluation."""
     run_dir = Path(cfg.paths.output_dir)
     settings = [f"eval.{key}={value}" for key, value in cfg.final_evaluation.items()]
     eval_cfg = compose(
