@@ -104,10 +104,8 @@ class BernoulliImages(Independent):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits = self.base_dist.logits
-        if logits.dtype in (torch.float16, torch.bfloat16):  # a product of 16 factors overflows
-            logits = logits.float()  # float16; VAE.decode hands over float32 already
-        logits = logits.flatten(-IMAGE_EVENT_DIMS)
+        # float16 cannot hold a product of 16 factors (VAE.decode hands over float32 already)
+        logits = at_least_float32(self.base_dist.logits).flatten(-IMAGE_EVENT_DIMS)
         value = value.flatten(-IMAGE_EVENT_DIMS).to(logits.dtype)
         if torch.is_grad_enabled() and (logits.requires_grad or value.requires_grad):
             return _BernoulliLogProbSum.apply(logits, value)
@@ -155,6 +153,13 @@ class GaussianFixed(Likelihood):
 class ContinuousBernoulli(Likelihood):
     def __call__(self, params: Tensor) -> Distribution:
         return Independent(torch.distributions.ContinuousBernoulli(logits=params), IMAGE_EVENT_DIMS)
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """Network outputs in float16 / bfloat16 (mixed-precision training: autocast runs the matrix
+    products in the lower precision) in float32, so that the distributions' densities, the KL and
+    the importance weights are computed in float32; float32 and float64 pass through."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def bounded(x: Tensor, low: float, high: float) -> Tensor:

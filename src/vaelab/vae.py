@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
 from vaelab.errors import require
-from vaelab.likelihoods import Likelihood, soft_floor
+from vaelab.likelihoods import Likelihood, at_least_float32, soft_floor
 
 
 class VAE(nn.Module):
@@ -68,10 +68,3 @@ class VAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x|z) at the posterior mean z = mu(x): (B, C, H, W)."""
         return self.decode(self.posterior(x).mean).mean
-
-
-def at_least_float32(t: Tensor) -> Tensor:
-    """Network outputs in float16 / bfloat16 (mixed-precision training: autocast runs the matrix
-    products in the lower precision) in float32, so that the distributions' densities, the KL and
-    the importance weights are computed in float32; float32 and float64 pass through."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
