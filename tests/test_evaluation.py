@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import CONFIGS, compose_train
+from hydra import compose, initialize_config_dir
 from test_math import (
     LATENT,
     SIGMA,
@@ -19,8 +20,9 @@ from test_math import (
     linear_vae,
 )
 
+from vaelab import evaluate
 from vaelab.build import build_vae
-from vaelab.errors import ConfigError
+from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluation.metrics import (
     COMPILE_AUTO_MIN_CODES,
     CompiledLogWeights,
@@ -195,3 +197,18 @@ def test_compile_choice_auto_compiles_only_large_evaluations_on_a_cpu():
         ConfigError, match="eval.compile must be one of auto, true, false, got 'yes'"
     ):
         weights_function(vae, "yes", 10, cpu)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_evaluate_follows_validate_args(validate, tmp_path):
+    """evaluate.py sets torch.distributions' argument checks from its `validate_args` (off by
+    default, as train.py does), before it looks for the checkpoint."""
+    overrides = [f"run={tmp_path / 'no_run'}", f"paths.output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        default = compose("evaluate", overrides=overrides)
+        cfg = compose("evaluate", overrides=[*overrides, f"validate_args={validate}"])
+    assert default.validate_args is False
+    torch.distributions.Distribution.set_default_validate_args(not validate)
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        evaluate.run(cfg)
+    assert torch.distributions.Distribution._validate_args is validate

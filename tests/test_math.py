@@ -18,6 +18,7 @@ from vaelab.likelihoods import (
     ContinuousBernoulli,
     Gaussian,
     GaussianFixed,
+    _BernoulliLogProbSum,
     bernoulli_log_prob_sum,
     bounded,
 )
@@ -131,6 +132,30 @@ def test_bernoulli_images_gradients_match_torch_distributions():
     fn = lambda lg, v: BernoulliImages(lg, validate_args=False).log_prob(v)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_bernoulli_images_under_torch_func_transforms():
+    """torch.func.grad and vmap (per-example gradients) go through BernoulliImages' own backward
+    and give what they give through torch's per-pixel Independent(Bernoulli)."""
+    logits = 4 * torch.randn(B, C, H, W, generator=generator(0), dtype=torch.float64)
+    x = torch.bernoulli(torch.full((B, C, H, W), 0.3, dtype=torch.float64), generator=generator(1))
+
+    def per_example(dist):
+        def log_prob(lg, v):  # one image: no batch dim inside vmap
+            return dist(lg, validate_args=False).log_prob(v)
+
+        return torch.func.vmap(torch.func.grad(log_prob))(logits, x)
+
+    ours, theirs = per_example(BernoulliImages), per_example(torch_bernoulli_images)
+    assert ours.shape == logits.shape
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours, x - torch.sigmoid(logits))  # d/dl log p = x - sigmoid(l)
+    # the autograd.Function itself, with both arguments differentiated and batched by vmap
+    flat_logits, flat_x = logits.flatten(1), torch.rand_like(x.flatten(1))
+    grad = torch.func.vmap(torch.func.grad(_BernoulliLogProbSum.apply, argnums=(0, 1)))
+    grad_logits, grad_x = grad(flat_logits, flat_x)
+    torch.testing.assert_close(grad_logits, flat_x - torch.sigmoid(flat_logits))
+    torch.testing.assert_close(grad_x, flat_logits)
 
 
 def test_bernoulli_images_expand_and_half_precision():

@@ -43,6 +43,11 @@ def events(run_dir: Path) -> EventAccumulator:
     return accumulator
 
 
+def count_scalars(run_dir: Path, tag: str) -> int:
+    accumulator = events(run_dir)
+    return len(accumulator.Scalars(tag)) if tag in accumulator.Tags()["scalars"] else 0
+
+
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 @pytest.mark.parametrize(
     "likelihood", ["bernoulli", "gaussian", "gaussian_fixed", "continuous_bernoulli"]
@@ -145,6 +150,24 @@ def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, t
         accumulator.Tags()["images"]
     )
     assert (trained_run / "tensorboard" / "projector_config.pbtxt").is_file()
+
+
+def test_evaluate_on_a_subset_keeps_its_figures_apart(trained_run, data_dir, tmp_path):
+    """eval.limit=8: metrics.json says how many examples were importance-sampled; in the run's
+    TensorBoard the subset's figures are test_first8/..., not test/... beside the whole split's
+    at the same step (the test ELBO, from the whole split, keeps its name)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    full_split_estimates = count_scalars(run, "test/nll_is")  # whole-split evaluations so far
+    log_dir = tmp_path / "logs"
+    result = evaluate(run, data_dir, log_dir, "eval.limit=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((only_run_dir(log_dir, "evaluate") / "metrics.json").read_text())
+    assert report["examples_importance_sampled"] == 8 and "test/nll_is" in report["metrics"]
+    scalars = set(events(run).Tags()["scalars"])
+    assert {"test_first8/nll_is", "test_first8/active_units", "test/elbo"} <= scalars
+    assert count_scalars(run, "test/nll_is") == full_split_estimates
+    nll = events(run).Scalars("test_first8/nll_is")[0].value
+    assert nll == pytest.approx(report["metrics"]["test/nll_is"], rel=1e-6)
 
 
 def test_evaluate_sweep_reports_every_run(data_dir, tmp_path):

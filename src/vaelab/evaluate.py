@@ -36,6 +36,7 @@ SPLITS = ("test", "val")
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.run`: a run dir, a .ckpt file, or a multirun (sweep) dir."""
     check_eval_config(cfg)
+    torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     path = Path(cfg.run).expanduser()
     out_dir = Path(cfg.paths.output_dir)
     if path.is_dir() and is_sweep_dir(path):
@@ -130,7 +131,14 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
             "over its codes, so log p(x) cannot be estimated"
         )
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    draw(vae, results, per_dim["kl_dim_order"], out_dir, ckpt_path, report, cfg.seed)
+    tensorboard_metrics = dict(metrics)
+    examples = len(results.cat("posterior_mean"))
+    if examples < len(loader.dataset):  # eval.limit: not the split's figures, keep them apart
+        for key in is_metrics:
+            subset_key = key.replace(f"{split}/", f"{split}_first{examples}/", 1)
+            tensorboard_metrics[subset_key] = tensorboard_metrics.pop(key)
+    kl_order = per_dim["kl_dim_order"]
+    draw(vae, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics)
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")
     return {
@@ -171,8 +179,13 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
-def draw(vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: int) -> None:
-    """PNG files in out_dir; the same pictures and the metrics in the run's TensorBoard."""
+def draw(
+    vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: int, tensorboard_metrics
+) -> None:
+    """PNG files in out_dir; the same pictures and `tensorboard_metrics` in the run's
+    TensorBoard (the report's metrics; those of an `eval.limit` subset under `{split}_first{n}/`
+    rather than the split's own names, so they do not sit beside the whole split's at the same
+    step)."""
     examples, inputs = results.cat("examples"), results.cat("example_inputs")
     device = next(vae.parameters()).device
     grids = pictures.image_grids(
@@ -191,7 +204,7 @@ def draw(vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: i
         return
     step = report["global_step"] or 0
     with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for key, value in report["metrics"].items():
+        for key, value in tensorboard_metrics.items():
             if math.isfinite(value):
                 writer.add_scalar(key, value, step)
         for image_name, image in grids.items():
