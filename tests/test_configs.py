@@ -118,3 +118,21 @@ def test_every_readme_train_command_composes(overrides, tmp_path):
     """What the README tells a user to type is accepted: every key exists, every option is
     one of its group's (an example that needs `+key=` or names a removed option fails here)."""
     compose_train(overrides.split(), output_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides,monitor",
+    [
+        ([], "val/elbo"),
+        (["objective=iwae"], "val/iwae"),
+        (["experiment=burda2015_iwae"], "val/iwae"),
+        (["experiment=mnist_cpu_budget"], "val/iwae"),
+        (["objective=ae"], "val/loss"),
+    ],
+)
+def test_best_checkpoint_is_chosen_on_the_trained_bound(overrides, monitor):
+    """ModelCheckpoint (the `best` checkpoint of evaluate.py and the final evaluation) monitors
+    the bound the objective trains: L_k for IWAE, whose training can loosen the ELBO."""
+    cfg = compose_train(overrides)
+    assert cfg.callbacks.model_checkpoint.monitor == monitor
+    assert monitor in cfg.callbacks.hparams.metrics

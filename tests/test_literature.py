@@ -14,6 +14,7 @@ from test_math import linear_data
 
 from vaelab import schedules
 from vaelab.build import build_datamodule, build_module
+from vaelab.checkpoints import load_checkpoint
 from vaelab.errors import ConfigError
 from vaelab.evaluation.metrics import CompiledLogWeights
 from vaelab.objectives import iwae_bound
@@ -147,6 +148,13 @@ def test_presets_run_and_end_with_the_test_nll(preset, data_dir, tmp_path):
     (run_dir,) = next((tmp_path / "logs").iterdir()).joinpath("runs").iterdir()
     report = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     assert report["k"] == 10 and math.isfinite(report["metrics"]["test/nll_is"])
+    # the best checkpoint is chosen on the bound the preset trains (L_k for the IWAE ones)
+    callbacks = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["callbacks"]
+    (key,) = [key for key in callbacks if key.startswith("ModelCheckpoint")]
+    monitor = "val/elbo" if preset == "burda2015_vae" else "val/iwae"
+    assert f"'monitor': '{monitor}'" in key
+    if preset != "mnist_cpu_budget":  # (which validates every 10 epochs)
+        assert callbacks[key]["best_model_path"]
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -97,12 +97,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
     assert got["global_step"] == expected["global_step"] == 4 * steps_per_epoch
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][name], tensor), f"{name} differs after resume"
-    # Same run dir, same TensorBoard run: the curves match, with no duplicated or missing step.
+    # Same run dir, same TensorBoard run: the curves match, with no duplicated step. The one
+    # point a kill -9 may cost is the training metrics of the batch whose end wrote last.ckpt
+    # (global step S, metrics at step S - 1): Lightning logs and flushes them a moment after
+    # the callbacks run, so a kill in between loses them (see LastCheckpoint).
     for tag in ("train/loss", "val/elbo"):
-        resumed_steps, resumed_values = zip(*scalars(run_dir, tag), strict=True)
-        steps, values = zip(*scalars(reference, tag), strict=True)
-        assert resumed_steps == steps  # so no step is duplicated or missing
-        assert resumed_values == pytest.approx(values)
+        resumed, reference_curve = scalars(run_dir, tag), dict(scalars(reference, tag))
+        resumed_steps = [step for step, _ in resumed]
+        assert resumed_steps == sorted(set(resumed_steps)), "a step is duplicated"
+        may_miss = {killed_at["global_step"] - 1} if tag.startswith("train/") else set()
+        assert set(reference_curve) - set(resumed_steps) <= may_miss, "a step is missing"
+        assert set(resumed_steps) <= set(reference_curve)
+        for step, value in resumed:
+            assert value == pytest.approx(reference_curve[step]), f"{tag} differs at {step}"
     assert (run_dir / ".hydra" / "config.yaml").read_text() == (
         reference / ".hydra" / "config.yaml"
     ).read_text().replace(str(tmp_path / "full"), str(tmp_path / "part"))

@@ -7,6 +7,12 @@ boundary; Ctrl-C (SIGINT) is routed through the same path, so a stop never lands
 of an optimizer step (a second Ctrl-C stops at once). Each write goes to a temporary file that is
 renamed into place, and weights that are not finite are never written (VAEModule refuses), so
 `last.ckpt` is always the last good state. `resume=<run dir>` continues from it.
+
+What survives a kill -9: the last checkpoint, and every TensorBoard point logged before it
+(Lightning flushes the logger after each logging step; a resumed run drops the points logged
+after its checkpoint and logs them again). The exception is the training metrics of the batch
+whose end wrote a mid-epoch checkpoint: Lightning logs them just after the callbacks run, so a
+kill in those few milliseconds loses that one point of the training curves.
 """
 
 from __future__ import annotations
