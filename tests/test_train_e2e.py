@@ -135,6 +135,7 @@ def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, t
     assert -metrics["test/nll_is"] >= metrics["test/elbo"] - 1.0  # L_k is the tighter bound
     assert report["k"] == 20 and "binary pixels" in report["pixel_model"]
     assert report["seconds"] > 0 and report["device"] == "cpu"
+    assert report["examples_evaluated"] == report["examples_importance_sampled"] > 0
     assert len(report["kl_per_dim_sorted"]) == 4
     assert report["kl_per_dim_sorted"] == sorted(report["kl_per_dim_sorted"], reverse=True)
     assert report["checkpoint"].endswith(".ckpt") and "last" not in report["checkpoint"]
@@ -153,18 +154,21 @@ def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, t
 
 
 def test_evaluate_on_a_subset_keeps_its_figures_apart(trained_run, data_dir, tmp_path):
-    """eval.limit=8: metrics.json says how many examples were importance-sampled; in the run's
-    TensorBoard the subset's figures are test_first8/..., not test/... beside the whole split's
-    at the same step (the test ELBO, from the whole split, keeps its name)."""
+    """eval.limit=8: metrics.json says how many examples were evaluated; in the run's
+    TensorBoard the subset's figures are test_first8/... and eval_first8/..., not test/... and
+    eval/... beside the whole split's at the same step (the test ELBO, from the whole split,
+    keeps its name)."""
     run = shutil.copytree(trained_run, tmp_path / "run")
     full_split_estimates = count_scalars(run, "test/nll_is")  # whole-split evaluations so far
     log_dir = tmp_path / "logs"
     result = evaluate(run, data_dir, log_dir, "eval.limit=8")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((only_run_dir(log_dir, "evaluate") / "metrics.json").read_text())
-    assert report["examples_importance_sampled"] == 8 and "test/nll_is" in report["metrics"]
-    scalars = set(events(run).Tags()["scalars"])
-    assert {"test_first8/nll_is", "test_first8/active_units", "test/elbo"} <= scalars
+    assert report["examples_importance_sampled"] == report["examples_evaluated"] == 8
+    assert "test/nll_is" in report["metrics"]
+    tags = events(run).Tags()
+    assert {"test_first8/nll_is", "test_first8/active_units", "test/elbo"} <= set(tags["scalars"])
+    assert {"eval_first8/latent_pca", "eval_first8/traversals"} <= set(tags["images"])
     assert count_scalars(run, "test/nll_is") == full_split_estimates
     nll = events(run).Scalars("test_first8/nll_is")[0].value
     assert nll == pytest.approx(report["metrics"]["test/nll_is"], rel=1e-6)

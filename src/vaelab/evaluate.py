@@ -115,6 +115,8 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         "split": split,
         "k": cfg.eval.k,
         "examples_importance_sampled": sum(len(t) for t in results.log_likelihood),
+        # examples behind the posterior diagnostics (all of the split unless eval.limit)
+        "examples_evaluated": len(results.cat("posterior_mean")),
         # wall time of the pass over the split (importance sampling, posterior diagnostics)
         "seconds": round(seconds, 3),
         "device": str(device),
@@ -131,14 +133,15 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
             "over its codes, so log p(x) cannot be estimated"
         )
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    tensorboard_metrics = dict(metrics)
-    examples = len(results.cat("posterior_mean"))
-    if examples < len(loader.dataset):  # eval.limit: not the split's figures, keep them apart
+    tensorboard_metrics, subset = dict(metrics), ""
+    if report["examples_evaluated"] < len(loader.dataset):  # eval.limit: keep the subset apart
+        subset = f"_first{report['examples_evaluated']}"
         for key in is_metrics:
-            subset_key = key.replace(f"{split}/", f"{split}_first{examples}/", 1)
-            tensorboard_metrics[subset_key] = tensorboard_metrics.pop(key)
+            tensorboard_metrics[key.replace(split, split + subset, 1)] = tensorboard_metrics.pop(
+                key
+            )
     kl_order = per_dim["kl_dim_order"]
-    draw(vae, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics)
+    draw(vae, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics, subset)
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")
     return {
@@ -180,12 +183,20 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def draw(
-    vae, results, kl_order, out_dir: Path, ckpt_path: Path, report, seed: int, tensorboard_metrics
+    vae,
+    results,
+    kl_order,
+    out_dir: Path,
+    ckpt_path: Path,
+    report,
+    seed: int,
+    tensorboard_metrics: dict[str, float],
+    subset: str = "",
 ) -> None:
     """PNG files in out_dir; the same pictures and `tensorboard_metrics` in the run's
-    TensorBoard (the report's metrics; those of an `eval.limit` subset under `{split}_first{n}/`
-    rather than the split's own names, so they do not sit beside the whole split's at the same
-    step)."""
+    TensorBoard. `subset` ("_first{n}" for an `eval.limit` pass) goes into the tags of what was
+    computed from the subset (the caller's metric names, `eval{subset}/...` pictures, the
+    projector's embedding), so they do not sit beside the whole split's at the same step."""
     examples, inputs = results.cat("examples"), results.cat("example_inputs")
     device = next(vae.parameters()).device
     grids = pictures.image_grids(
@@ -208,10 +219,10 @@ def draw(
             if math.isfinite(value):
                 writer.add_scalar(key, value, step)
         for image_name, image in grids.items():
-            writer.add_image(f"eval/{image_name}", image, step)
-        writer.add_figure(f"eval/{name}", figure, step)
+            writer.add_image(f"eval{subset}/{image_name}", image, step)
+        writer.add_figure(f"eval{subset}/{name}", figure, step)
         if vae.latent_dim > 2:
-            pictures.log_embedding(writer, means, labels, examples, step)
+            pictures.log_embedding(writer, means, labels, examples, step, f"posterior_mean{subset}")
 
 
 def format_table(report: dict[str, Any]) -> str:

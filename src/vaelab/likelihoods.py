@@ -71,8 +71,9 @@ def bernoulli_log_prob_sum(logits: Tensor, x: Tensor) -> Tensor:
 class _BernoulliLogProbSum(torch.autograd.Function):
     """`bernoulli_log_prob_sum` with its gradient in one pass: d/dl = x - sigmoid(l), d/dx = l
     (torch's own backward of the per-pixel form takes several). Forward and context are
-    separate (`setup_context`), with a generated vmap rule, so `torch.func` transforms (grad,
-    vmap, per-example gradients) work through it as through torch's own distributions."""
+    separate (`setup_context`), with a generated vmap rule, so the reverse-mode `torch.func`
+    transforms (grad, vjp, jacrev) and vmap work through it, per-example gradients included;
+    forward mode (jvp, jacfwd, hessian) does not, as there is no jvp rule."""
 
     generate_vmap_rule = True
 

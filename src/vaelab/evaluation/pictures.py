@@ -84,7 +84,12 @@ def latent_scatter(means: Tensor, labels: Tensor, title: str) -> plt.Figure:
 
 
 def log_embedding(
-    writer: SummaryWriter, means: Tensor, labels: Tensor, images: Tensor, step: int
+    writer: SummaryWriter,
+    means: Tensor,
+    labels: Tensor,
+    images: Tensor,
+    step: int,
+    tag: str = "posterior_mean",
 ) -> None:
     """Posterior means in TensorBoard's projector, with labels and image sprites."""
     n = min(EMBEDDING_POINTS, len(means))
@@ -93,5 +98,5 @@ def log_embedding(
         metadata=labels[:n].tolist(),
         label_img=images[:n].float().clamp(0, 1),
         global_step=step,
-        tag="posterior_mean",
+        tag=tag,
     )
