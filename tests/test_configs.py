@@ -130,11 +130,16 @@ def test_every_readme_train_command_composes(overrides, tmp_path):
         (["experiment=burda2015_iwae"], "val/iwae"),
         (["experiment=mnist_cpu_budget"], "val/iwae"),
         (["objective=ae"], "val/loss"),
+        (["hparams_search=optuna"], "val/elbo"),
+        (["hparams_search=optuna", "objective=iwae"], "val/iwae"),
     ],
 )
 def test_best_checkpoint_is_chosen_on_the_trained_bound(overrides, monitor):
     """ModelCheckpoint (the `best` checkpoint of evaluate.py and the final evaluation) monitors
-    the bound the objective trains: L_k for IWAE, whose training can loosen the ELBO."""
+    the bound the objective trains: L_k for IWAE, whose training can loosen the ELBO; so does
+    the value train.py returns to a sweeper (a bound to maximise; the autoencoder has none)."""
     cfg = compose_train(overrides)
     assert cfg.callbacks.model_checkpoint.monitor == monitor
     assert monitor in cfg.callbacks.hparams.metrics
+    if monitor != "val/loss":
+        assert cfg.optimized_metric == monitor
