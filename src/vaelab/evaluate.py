@@ -133,13 +133,11 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
             "over its codes, so log p(x) cannot be estimated"
         )
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    tensorboard_metrics, subset = dict(metrics), ""
-    if report["examples_evaluated"] < len(loader.dataset):  # eval.limit: keep the subset apart
+    subset = ""  # eval.limit: what the pass computed from a subset is kept apart in TensorBoard
+    if report["examples_evaluated"] < len(loader.dataset):
         subset = f"_first{report['examples_evaluated']}"
-        for key in is_metrics:
-            tensorboard_metrics[key.replace(split, split + subset, 1)] = tensorboard_metrics.pop(
-                key
-            )
+    renamed = {key: key.replace(f"{split}/", f"{split}{subset}/", 1) for key in is_metrics}
+    tensorboard_metrics = {renamed.get(key, key): value for key, value in metrics.items()}
     kl_order = per_dim["kl_dim_order"]
     draw(vae, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics, subset)
     print(format_table(report))
