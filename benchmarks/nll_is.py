@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
-from vaelab.build import build_vae
+from vaelab.build import build_model
 from vaelab.evaluation.metrics import CompiledLogWeights
 from vaelab.objectives import iwae_bound
 
@@ -78,7 +78,7 @@ def main() -> None:
     overrides = ["experiment=mnist_cpu_budget"] if args.model == "burda" else []
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    vae = build_vae(cfg, (1, 28, 28)).eval()
+    vae = build_model(cfg, (1, 28, 28)).eval()
     images = torch.bernoulli(torch.rand(args.images, 1, 28, 28) * 0.3)
     batches = images.split(args.batch)
     compiled = CompiledLogWeights(vae)

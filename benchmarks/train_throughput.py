@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fake-IDX writer the tests use
 from conftest import write_idx  # noqa: E402
 
-from vaelab.build import build_datamodule, build_module, build_vae  # noqa: E402
+from vaelab.build import build_datamodule, build_model, build_module  # noqa: E402
 from vaelab.train import instantiate_group  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def compose_config(model: str, batch: int, data_dir: Path, log_dir: Path, epochs
 def plain_epochs(cfg, images: torch.Tensor, batch: int, epochs: int) -> list[float]:
     """The loop a user writes by hand."""
     torch.manual_seed(0)
-    vae = build_vae(cfg, (1, 28, 28))
+    vae = build_model(cfg, (1, 28, 28))
     encoder, decoder = vae.encoder, vae.decoder
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     times = []

@@ -9,11 +9,11 @@ import shlex
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, compose_train, tiny
+from helpers.runs import CONFIGS, REPO, compose_train, tiny
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from vaelab.build import build_datamodule, build_module, build_vae
+from vaelab.build import build_datamodule, build_model, build_module
 from vaelab.train import instantiate_group
 
 
@@ -76,9 +76,9 @@ def test_unknown_key_is_refused(data_dir):
 )
 def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape):
     cfg = compose_train([f"model={model}", f"likelihood={likelihood}", "model.latent_dim=5"])
-    vae = build_vae(cfg, shape)
+    vae = build_model(cfg, shape)
     x = torch.rand(3, *shape)
-    if vae.likelihood.binary_data:
+    if vae.likelihood.accepts == ("binary",):
         x = x.round()
     q = vae.posterior(x)
     assert q.batch_shape == (3,) and q.event_shape == (5,)

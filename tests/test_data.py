@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import fake_images, write_fake_dataset, write_idx
+from helpers.runs import fake_images, write_fake_dataset, write_idx
 
-from vaelab.data import FashionMNISTDataModule, MNISTDataModule
+from vaelab.data import MNIST, FashionMNIST, ImageDataModule, ImageSource
 from vaelab.data.datasets import (
     IndexBatch,
     InMemoryImages,
@@ -24,6 +24,7 @@ from vaelab.data.datasets import (
     read_idx,
 )
 from vaelab.errors import ConfigError, DataError
+from vaelab.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, GaussianFixed
 
 STEMS = [
     "train-images-idx3-ubyte",
@@ -58,9 +59,9 @@ def indexed_root(tmp_path_factory) -> Path:
     return root
 
 
-def datamodule(root: Path, stage: str | None = "fit", **kwargs) -> MNISTDataModule:
+def datamodule(root: Path, stage: str | None = "fit", **kwargs) -> ImageDataModule:
     kwargs = {"val_size": VAL_SIZE, "batch_size": 32, "download": False, **kwargs}
-    dm = MNISTDataModule(data_dir=str(root), **kwargs)
+    dm = ImageDataModule(MNIST(), data_dir=str(root), **kwargs)
     dm.setup(stage)
     return dm
 
@@ -209,7 +210,7 @@ def test_missing_files_lists_absent_stems(tmp_path):
 
 
 def test_prepare_data_without_download_names_folder_files_and_env_var(tmp_path):
-    dm = MNISTDataModule(data_dir=str(tmp_path), download=False)
+    dm = ImageDataModule(MNIST(), data_dir=str(tmp_path), download=False)
     with pytest.raises(DataError) as info:
         dm.prepare_data()
     message = str(info.value)
@@ -223,7 +224,7 @@ def test_prepare_data_without_download_names_folder_files_and_env_var(tmp_path):
 def test_prepare_data_names_only_the_missing_files(tmp_path):
     write_split(tmp_path, fake_images(2, seed=0), np.zeros(2, np.uint8))
     with pytest.raises(DataError) as info:
-        MNISTDataModule(data_dir=str(tmp_path), download=False).prepare_data()
+        ImageDataModule(MNIST(), data_dir=str(tmp_path), download=False).prepare_data()
     assert "t10k-images-idx3-ubyte" in str(info.value)
     assert "train-images-idx3-ubyte" not in str(info.value)
 
@@ -233,8 +234,8 @@ def test_prepare_data_with_files_present_does_nothing(data_dir, monkeypatch):
         raise AssertionError("must not download when the files are present")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_download)
-    MNISTDataModule(data_dir=str(data_dir), download=True).prepare_data()
-    FashionMNISTDataModule(data_dir=str(data_dir), download=False).prepare_data()
+    ImageDataModule(MNIST(), data_dir=str(data_dir), download=True).prepare_data()
+    ImageDataModule(FashionMNIST(), data_dir=str(data_dir), download=False).prepare_data()
 
 
 def raise_url_error(*args, **kwargs):
@@ -249,10 +250,10 @@ def raise_url_error(*args, **kwargs):
     ],
     ids=["MNIST.download", "download_and_extract_archive"],
 )
-@pytest.mark.parametrize("module_class", [MNISTDataModule, FashionMNISTDataModule])
-def test_prepare_data_download_failure_is_a_data_error(tmp_path, monkeypatch, target, module_class):
+@pytest.mark.parametrize("source_class", [MNIST, FashionMNIST])
+def test_prepare_data_download_failure_is_a_data_error(tmp_path, monkeypatch, target, source_class):
     monkeypatch.setattr(*target, raise_url_error)
-    dm = module_class(data_dir=str(tmp_path), download=True)
+    dm = ImageDataModule(source_class(), data_dir=str(tmp_path), download=True)
     with pytest.raises(DataError, match="download failed") as info:
         dm.prepare_data()
     message = str(info.value)
@@ -314,7 +315,7 @@ def test_val_size_leaving_no_training_images(indexed_root):
 
 def test_invalid_binarize_lists_allowed_values():
     with pytest.raises(ConfigError, match="binarize") as info:
-        MNISTDataModule(data_dir="unused", binarize="threshold")
+        ImageDataModule(MNIST(), data_dir="unused", binarize="threshold")
     for allowed in ("dynamic", "static", "none", "threshold"):
         assert allowed in str(info.value)
 
@@ -326,7 +327,7 @@ def test_invalid_binarize_lists_allowed_values():
 )
 def test_invalid_sizes_are_config_errors(kwargs):
     with pytest.raises(ConfigError, match=next(iter(kwargs))):
-        MNISTDataModule(data_dir="unused", **kwargs)
+        ImageDataModule(MNIST(), data_dir="unused", **kwargs)
 
 
 # --- binarisation and dequantisation --------------------------------------------------------------
@@ -380,7 +381,7 @@ def test_dynamic_eval_splits_are_fixed_and_seeded(data_dir):
 
 def test_fixed_binarisation_matches_intensities(data_dir):
     dm = datamodule(data_dir, None, binarize="static")
-    intensity = MNISTDataModule(data_dir=str(data_dir), binarize="none", val_size=VAL_SIZE)
+    intensity = ImageDataModule(MNIST(), data_dir=str(data_dir), binarize="none", val_size=VAL_SIZE)
     intensity.setup(None)
     for split in ("train", "val", "test"):
         binary, grey = dm.splits[split].images, intensity.splits[split].images
@@ -426,7 +427,7 @@ def test_dequantised_pixels_lie_in_their_bins(data_dir):
 def test_dequantised_pixels_stay_in_half_open_bin(pixel):
     """floor(256 x) gives back the pixel and x < 1, even where float32 rounding of pixel + u
     would reach pixel + 1 (about 30 of these 4e6 draws without the guard)."""
-    dm = MNISTDataModule(data_dir="unused", binarize="none", dequantize=True)
+    dm = ImageDataModule(MNIST(), data_dir="unused", binarize="none", dequantize=True)
     torch.manual_seed(0)
     stored = torch.full((1, 1, 2000, 2000), pixel, dtype=torch.uint8)
     x = dm.preprocess(stored)
@@ -444,19 +445,25 @@ def test_no_dequantisation_is_intensity_over_255(data_dir):
 
 
 @pytest.mark.parametrize(
-    "binarize,dequantize,offset",
+    "binarize,dequantize,pixel_model,bernoulli,density",
     [
-        ("dynamic", True, 0.0),
-        ("static", False, 0.0),
-        ("none", True, math.log(256)),
-        ("none", False, None),
+        ("dynamic", True, "binary", 0.0, None),
+        ("static", False, "binary", 0.0, None),
+        ("none", True, "dequantized", None, math.log(256)),
+        ("none", False, "discrete", None, None),
     ],
 )
-def test_bpd_offset(binarize, dequantize, offset):
-    dm = MNISTDataModule(data_dir="unused", binarize=binarize, dequantize=dequantize)
-    assert dm.bpd_offset == offset
+def test_pixel_model_and_bpd_offset(binarize, dequantize, pixel_model, bernoulli, density):
+    """The data say what they supply; the likelihood says how bits per dimension follow: a mass
+    on {0, 1} for binary pixels, a density on [0, 1] for dequantised 8-bit values (+ ln 256)."""
+    dm = ImageDataModule(MNIST(), data_dir="unused", binarize=binarize, dequantize=dequantize)
+    assert dm.pixel_model == pixel_model
     assert dm.num_dims == 784 and dm.image_shape == (1, 28, 28)
-    assert ("undefined" in dm.pixel_model) == (offset is None)
+    assert Bernoulli().bpd_offset(pixel_model) == bernoulli
+    for likelihood in (Gaussian(), GaussianFixed(), ContinuousBernoulli()):
+        assert likelihood.bpd_offset(pixel_model) == density
+        assert pixel_model in likelihood.accepts
+    assert (pixel_model in Bernoulli().accepts) == (pixel_model == "binary")
 
 
 # --- loaders --------------------------------------------------------------------------------------
@@ -642,3 +649,56 @@ def test_resume_after_the_last_batch_starts_the_next_epoch_whole(indexed_root):
     loader.load_state_dict({"epoch": 0, "taken": n_batches})
     loader.sampler.set_epoch(1)
     assert len(list(loader)) == n_batches
+
+
+# --- image sources: the one thing a new dataset provides --------------------------------------
+
+
+class ArraySource(ImageSource):
+    """A dataset held in memory, 3x8x8 RGB, with its own validation split."""
+
+    name = "Arrays"
+    image_shape = (3, 8, 8)
+    splits = ("train", "val", "test")
+    sizes = {"train": 40, "val": 12, "test": 20}
+
+    def missing(self, data_dir):
+        return []
+
+    def read(self, data_dir, split):
+        g = torch.Generator().manual_seed(len(split))
+        n = self.sizes[split]
+        images = torch.randint(0, 256, (n, *self.image_shape), dtype=torch.uint8, generator=g)
+        return images, torch.arange(n) % 3
+
+
+def test_a_new_source_needs_only_read_and_uses_its_own_validation_split():
+    dm = ImageDataModule(ArraySource(), data_dir="unused", batch_size=8, binarize="none")
+    dm.prepare_data()
+    dm.setup()
+    assert dm.image_shape == (3, 8, 8) and dm.num_dims == 192
+    assert {split: len(dm.splits[split]) for split in ("train", "val", "test")} == {
+        "train": 40,
+        "val": 12,
+        "test": 20,
+    }
+    inputs, targets, labels = dm.fetch(next(iter(dm.train_dataloader())))
+    assert inputs.shape == (8, 3, 8, 8) and 0 <= inputs.min() and inputs.max() < 1
+    assert dm.pixel_model == "dequantized"
+
+
+def test_a_source_with_the_wrong_image_shape_is_one_line():
+    class Wrong(ArraySource):
+        def read(self, data_dir, split):
+            images, labels = super().read(data_dir, split)
+            return images[:, :1], labels  # grey images from a source that says RGB
+
+    dm = ImageDataModule(Wrong(), data_dir="unused", binarize="none", batch_size=8)
+    expected = r"Arrays train images are torch.uint8 \(1, 8, 8\), expected uint8 \(3, 8, 8\)"
+    with pytest.raises(DataError, match=expected):
+        dm.setup("fit")
+
+
+def test_the_source_must_be_an_image_source():
+    with pytest.raises(ConfigError, match="data.source must be an image source"):
+        ImageDataModule("MNIST", data_dir="unused")

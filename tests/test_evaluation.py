@@ -8,20 +8,17 @@ import math
 
 import pytest
 import torch
-from conftest import CONFIGS, compose_train
-from hydra import compose, initialize_config_dir
-from test_math import (
-    LATENT,
-    SIGMA,
-    LinearEncoder,
+from helpers.models import (
+    approximate_posterior_vae,
     exact_log_marginal,
     linear_data,
-    linear_gaussian_model,
-    linear_vae,
+    replay_draws,
 )
+from helpers.runs import CONFIGS, compose_train
+from hydra import compose, initialize_config_dir
 
 from vaelab import evaluate
-from vaelab.build import build_vae
+from vaelab.build import build_model
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.evaluation.metrics import (
     COMPILE_AUTO_MIN_CODES,
@@ -31,17 +28,6 @@ from vaelab.evaluation.metrics import (
     weights_function,
 )
 from vaelab.objectives import ELBO, iwae_bound
-
-
-def approximate_posterior_vae():
-    """The linear Gaussian model with an encoder near, but not at, the exact posterior: means
-    shifted by 0.5 and variances doubled, so log p(x) - ELBO is a few nats."""
-    weight, bias, scales = linear_gaussian_model()
-    D = weight.shape[0]
-    m_diag = scales**2 + SIGMA**2
-    enc_weight = torch.cat([weight.T / m_diag[:, None], torch.zeros(LATENT, D).double()])
-    enc_bias = torch.cat([-(weight.T @ bias) / m_diag + 0.5, torch.log(2 * SIGMA**2 / m_diag)])
-    return linear_vae(LinearEncoder(enc_weight, enc_bias), weight, bias), weight, bias
 
 
 def test_nll_is_converges_to_exact_log_likelihood():
@@ -89,19 +75,6 @@ def test_iwae_bound_elbo_estimate_matches_closed_form_elbo():
     assert torch.allclose(from_weights, closed_form_kl, atol=0.1)
 
 
-def replay_draws(vae, z: torch.Tensor) -> None:
-    """Make the VAE's posterior hand out the given draws z (k, B, latent) in order, whatever
-    the chunk sizes asked for, so that iwae_bound can be compared with a reference on them."""
-    draws = iter(z.split(1))
-
-    class Replay(torch.distributions.Independent):
-        def sample(self, sample_shape=(1,)):
-            return torch.cat([next(draws) for _ in range(sample_shape[0])])
-
-    original = vae.posterior
-    vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
-
-
 def test_chunking_does_not_change_the_estimate():
     """Chunks of any size combine to the same log-mean-exp as one pass over the same draws."""
     vae, weight, bias = approximate_posterior_vae()
@@ -144,7 +117,7 @@ def burda_vae():
     """The 784-200-200-50 tanh Bernoulli VAE of the literature presets, untrained."""
     cfg = compose_train(["experiment=mnist_cpu_budget"])
     torch.manual_seed(0)
-    return build_vae(cfg, (1, 28, 28)).eval()
+    return build_model(cfg, (1, 28, 28)).eval()
 
 
 @pytest.mark.slow

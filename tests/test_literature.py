@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train, run_script, tiny
-from test_evaluation import approximate_posterior_vae, replay_draws
-from test_math import linear_data
+from helpers.models import approximate_posterior_vae, linear_data, replay_draws
+from helpers.runs import compose_train, run_script, tiny
 
 from vaelab import schedules
 from vaelab.build import build_datamodule, build_module
@@ -107,7 +106,7 @@ def test_time_cosine_without_max_time_is_a_clear_error(data_dir, tmp_path):
 
 def test_cpu_budget_preset_anneals_over_its_twenty_minutes(data_dir, tmp_path):
     cfg = compose_train(["experiment=mnist_cpu_budget"])
-    assert cfg.model.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
+    assert cfg.model.encoder.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
     assert cfg.hydra.runtime.choices.objective == "iwae" and cfg.objective.k == 3
     assert cfg.data.batch_size == 250 and cfg.final_evaluation.k == 5000
     cfg = compose_train([*tiny(data_dir), "experiment=mnist_cpu_budget"], output_dir=tmp_path)
@@ -119,8 +118,8 @@ def test_cpu_budget_preset_anneals_over_its_twenty_minutes(data_dir, tmp_path):
 @pytest.mark.parametrize("preset,k", [("burda2015_vae", None), ("burda2015_iwae", 50)])
 def test_burda_presets_match_the_paper(preset, k):
     cfg = compose_train([f"experiment={preset}"])
-    assert cfg.model.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
-    assert cfg.model.activation._target_ == "torch.nn.Tanh"
+    assert cfg.model.encoder.hidden_dims == [200, 200] and cfg.model.latent_dim == 50
+    assert cfg.model.decoder.activation._target_ == "torch.nn.Tanh"
     assert cfg.hydra.runtime.choices.likelihood == "bernoulli"
     assert cfg.data.binarize == "dynamic" and cfg.data.batch_size == 20
     assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.optimizer.eps == 1e-4

@@ -5,11 +5,28 @@ whose marginal likelihood is known exactly, the bound ELBO <= log p(x) and its t
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.distributions import Independent, MultivariateNormal, kl_divergence
+from helpers.models import (
+    LATENT,
+    SIGMA,
+    D,
+    LinearEncoder,
+    binary_batch,
+    constant_vae,
+    exact_log_marginal,
+    exact_posterior,
+    generator,
+    linear_data,
+    linear_gaussian_model,
+    linear_vae,
+    random_posterior_params,
+    small_vae,
+)
+from torch import Tensor
+from torch.distributions import Independent, kl_divergence
 
 from vaelab.errors import ConfigError
 from vaelab.likelihoods import (
@@ -22,16 +39,12 @@ from vaelab.likelihoods import (
     bernoulli_log_prob_sum,
     bounded,
 )
+from vaelab.models import VAE
 from vaelab.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from vaelab.objectives import ELBO, IWAE
 from vaelab.priors import StandardNormal
-from vaelab.vae import VAE
 
 B, C, H, W = 5, 2, 3, 4  # a small image batch for the likelihood checks
-
-
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- likelihoods: log p(x|z) against hand-written densities -------------------------------------
@@ -240,10 +253,10 @@ LIKELIHOODS = [Bernoulli(), Gaussian(), GaussianFixed(0.2), ContinuousBernoulli(
 @pytest.mark.parametrize("likelihood", LIKELIHOODS, ids=lambda lik: type(lik).__name__)
 def test_likelihood_with_sample_and_batch_dims(likelihood):
     """Params (L, B, P*C, H, W) give log_prob of shape (L, B), equal to each slice on its own."""
-    n_samples, p = 3, likelihood.params_per_pixel
-    params = logits_away_from_zero((n_samples, B, p * C, H, W), seed=0)
+    n_samples = 3
+    params = logits_away_from_zero((n_samples, B, likelihood.out_channels(C), H, W), seed=0)
     x = torch.rand(B, C, H, W, generator=generator(1))
-    if likelihood.binary_data:
+    if likelihood.accepts == ("binary",):
         x = x.round()
     log_prob = likelihood(params).log_prob(x)
     assert log_prob.shape == (n_samples, B)
@@ -301,38 +314,6 @@ def test_bounded_is_monotone_with_nonzero_gradient(low, high):
 # --- the posterior and its closed-form KL to the prior --------------------------------------------
 
 
-class ConstantEncoder(nn.Module):
-    """Ignores x; returns fixed (mean, log-variance) rows, one per example."""
-
-    def __init__(self, mean: Tensor, log_var: Tensor) -> None:
-        super().__init__()
-        self.out = nn.Parameter(torch.cat([mean, log_var], dim=-1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out[: len(x)]
-
-
-def constant_vae(mean: Tensor, log_var: Tensor) -> VAE:
-    latent_dim = mean.shape[-1]
-    decoder = MLPDecoder(latent_dim, (1, 2, 2), hidden_dims=(4,))
-    vae = VAE(
-        ConstantEncoder(mean, log_var),
-        decoder,
-        Bernoulli(),
-        StandardNormal(latent_dim),
-        image_shape=(1, 2, 2),
-        latent_dim=latent_dim,
-    )
-    return vae.double()
-
-
-def random_posterior_params(n: int, latent_dim: int, seed: int) -> tuple[Tensor, Tensor]:
-    g = generator(seed)
-    mean = 1.5 * torch.randn(n, latent_dim, generator=g, dtype=torch.float64)
-    log_var = -3 + 4 * torch.rand(n, latent_dim, generator=g, dtype=torch.float64)  # in (-3, 1)
-    return mean, log_var
-
-
 def test_posterior_is_diagonal_gaussian_with_bounded_log_var():
     mean, log_var = random_posterior_params(4, 3, seed=0)
     log_var[0, 0] = 50.0  # runaway encoder output: clamped below VAE.max_log_var
@@ -383,22 +364,6 @@ def test_kl_matches_monte_carlo_estimate():
 
 
 # --- the ELBO estimator ---------------------------------------------------------------------------
-
-
-def small_vae(latent_dim: int = 3) -> VAE:
-    shape = (1, 4, 4)
-    return VAE(
-        MLPEncoder(shape, 2 * latent_dim, hidden_dims=(8,), activation=nn.Tanh),
-        MLPDecoder(latent_dim, shape, hidden_dims=(8,), activation=nn.Tanh),
-        Bernoulli(),
-        StandardNormal(latent_dim),
-        image_shape=shape,
-        latent_dim=latent_dim,
-    )
-
-
-def binary_batch(n: int = 6, seed: int = 0) -> Tensor:
-    return torch.bernoulli(torch.full((n, 1, 4, 4), 0.4), generator=generator(seed))
 
 
 @pytest.mark.parametrize("objective", [ELBO(), IWAE(k=3)], ids=repr)
@@ -481,82 +446,6 @@ def test_elbo_averages_its_samples():
 
 
 # --- a linear Gaussian model: the exact marginal likelihood ---------------------------------------
-
-D, LATENT, SIGMA = 6, 3, 0.5
-
-
-def fixed_linear(weight: Tensor, bias: Tensor) -> nn.Linear:
-    """A float64 nn.Linear holding the given weight and bias."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0]).double()
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    return linear
-
-
-class LinearDecoder(nn.Module):
-    """z (N, latent) -> W z + b as (N, 1, 1, D) images."""
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
-        self.linear = fixed_linear(weight, bias)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.linear(z).view(-1, 1, 1, self.linear.out_features)
-
-
-class LinearEncoder(nn.Module):
-    """x (B, 1, 1, D) -> A x + c, the (mean, log-variance) of q(z|x)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        super().__init__()
-        self.linear = fixed_linear(weight, bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x.flatten(1))
-
-
-def linear_gaussian_model() -> tuple[Tensor, Tensor, Tensor]:
-    """W (D, LATENT) with orthogonal columns of norms 1, 1.5, 2 (so W^T W is diagonal), and b."""
-    g = generator(0)
-    q, _ = torch.linalg.qr(torch.randn(D, LATENT, generator=g, dtype=torch.float64))
-    scales = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
-    weight = q * scales
-    bias = torch.randn(D, generator=g, dtype=torch.float64)
-    return weight, bias, scales
-
-
-def exact_posterior(weight: Tensor, bias: Tensor, scales: Tensor, x: Tensor):
-    """p(z|x) = N(M^-1 W^T (x - b), sigma^2 M^-1), M = W^T W + sigma^2 I = diag(s^2 + sigma^2)."""
-    m_diag = scales**2 + SIGMA**2
-    mean = (x.flatten(1) - bias) @ weight / m_diag
-    var = SIGMA**2 / m_diag
-    return mean, var, m_diag
-
-
-def linear_vae(encoder: nn.Module, weight: Tensor, bias: Tensor) -> VAE:
-    vae = VAE(
-        encoder,
-        LinearDecoder(weight, bias),
-        GaussianFixed(SIGMA),
-        StandardNormal(LATENT),
-        image_shape=(1, 1, D),
-        latent_dim=LATENT,
-    )
-    return vae.double()
-
-
-def exact_log_marginal(weight: Tensor, bias: Tensor, x: Tensor) -> Tensor:
-    covariance = weight @ weight.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
-    return MultivariateNormal(bias, covariance).log_prob(x.flatten(1))
-
-
-def linear_data(weight: Tensor, bias: Tensor, n: int = 8) -> Tensor:
-    g = generator(1)
-    z = torch.randn(n, LATENT, generator=g, dtype=torch.float64)
-    x = z @ weight.T + bias + SIGMA * torch.randn(n, D, generator=g, dtype=torch.float64)
-    x[-1] += 3.0  # and one example far from the model's typical set
-    return x.view(n, 1, 1, D)
 
 
 def elbo_and_standard_error(vae: VAE, x: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
@@ -647,13 +536,14 @@ def test_decoder_output_shape(decoder_class, shape, params_per_pixel):
 def test_vae_decode_keeps_sample_dims(shape):
     latent_dim = 4
     vae = VAE(
-        ConvEncoder(shape, 2 * latent_dim, channels=(4, 8)),
-        ConvDecoder(latent_dim, (2 * shape[0], *shape[1:]), channels=(4, 8)),
-        Gaussian(),
-        StandardNormal(latent_dim),
         image_shape=shape,
+        likelihood=Gaussian(),
+        prior=StandardNormal,
+        encoder=partial(ConvEncoder, channels=(4, 8)),
+        decoder=partial(ConvDecoder, channels=(4, 8)),
         latent_dim=latent_dim,
     )
+    assert vae.decoder.net[-1].out_channels == 2 * shape[0]  # mean and log-variance per value
     x = torch.rand(2, *shape)
     p = vae.decode(torch.randn(3, 2, latent_dim))
     assert p.batch_shape == (3, 2) and p.event_shape == shape

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train, tiny
-from test_math import binary_batch, constant_vae, small_vae
+from helpers.models import binary_batch, constant_vae, small_vae
+from helpers.runs import compose_train, tiny
 
 from vaelab.build import build_datamodule, build_module
 from vaelab.errors import ConfigError

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script, tiny
+from helpers.runs import (
+    REPO,
+    assert_fragments,
+    assert_one_line_error,
+    run_script,
+    tiny,
+    train_error,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_errors import assert_one_line_error
 
 from vaelab.checkpoints import SafeCheckpointIO
 from vaelab.errors import CheckpointError
@@ -141,7 +147,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_pat
     args = train_args(
         data_dir,
         tmp_path / "logs",
-        "+callbacks.poison._target_=nan_injection.PoisonWeights",
+        "+callbacks.poison._target_=helpers.nan_injection.PoisonWeights",
         "+callbacks.poison.step=10",
     )
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -206,8 +212,7 @@ def test_resume_errors(data_dir, tmp_path):
     ],
 )
 def test_wrong_types_are_one_line_errors(override, fragments, data_dir, tmp_path):
-    args = [*tiny(data_dir), f"paths.log_dir={tmp_path}", override]
-    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), *fragments)
+    assert_fragments(train_error([*tiny(data_dir), override], tmp_path), *fragments)
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script, tiny
+from helpers.runs import assert_one_line_error, run_script, tiny
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -220,14 +220,6 @@ def edited_checkpoint(run_dir: Path, tmp_path: Path, edit) -> Path:
     path = tmp_path / "edited.ckpt"
     torch.save(checkpoint, path)
     return path
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    for fragment in fragments:
-        assert fragment in line, line
 
 
 def test_evaluate_refuses_weights_that_do_not_match_config(trained_run, data_dir, tmp_path):

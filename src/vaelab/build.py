@@ -1,87 +1,88 @@
 """Build the run's objects from a composed config with Hydra's `instantiate`.
 
-Data flows one way: the DataModule knows the image shape, the likelihood says how many parameters
-per pixel the decoder must emit, and the encoder and decoder are told their sizes here.
+Data flows one way: the DataModule knows the image shape and what its pixels are; the model is
+the config's `_target_`, built with that shape, the likelihood and the prior factory, and wires
+its own sizes; the likelihood must accept the data's pixel model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vaelab.data import MNISTFamilyDataModule
-from vaelab.errors import ConfigError, require
-from vaelab.likelihoods import Likelihood
+from vaelab.data import ImageDataModule
+from vaelab.errors import ConfigError
+from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
-from vaelab.vae import VAE
 
-#: Packages whose classes a config read back from a run dir or checkpoint may instantiate.
-TRUSTED_PACKAGES = ("vaelab.", "torch.")
+#: Keys of an objective's config that describe how its runs are judged; not constructor args.
+OBJECTIVE_META = ("monitor", "report")
 
 
-def build_datamodule(cfg: DictConfig) -> MNISTFamilyDataModule:
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
     return instantiate(cfg.data)
 
 
-def build_vae(cfg: DictConfig, image_shape: Iterable[int]) -> VAE:
-    c, h, w = image_shape
-    latent_dim = cfg.model.latent_dim
-    require(
-        isinstance(latent_dim, int) and not isinstance(latent_dim, bool) and latent_dim >= 1,
-        f"model.latent_dim must be an integer >= 1, got {latent_dim!r}",
+def build_model(cfg: DictConfig, image_shape: Iterable[int]) -> LatentVariableModel:
+    """instantiate(cfg.model) with the data's image shape, the likelihood and the prior."""
+    return instantiate(
+        cfg.model,
+        image_shape=tuple(image_shape),
+        likelihood=instantiate(cfg.likelihood),
+        prior=instantiate(cfg.prior),
     )
-    likelihood: Likelihood = instantiate(cfg.likelihood)
-    prior = instantiate(cfg.prior, latent_dim=latent_dim)
-    encoder = instantiate(cfg.model.encoder, in_shape=(c, h, w), out_dim=2 * latent_dim)
-    decoder = instantiate(
-        cfg.model.decoder,
-        latent_dim=latent_dim,
-        out_shape=(likelihood.params_per_pixel * c, h, w),
+
+
+def build_objective(cfg: DictConfig) -> Any:
+    objective = OmegaConf.masked_copy(
+        cfg.objective, [key for key in cfg.objective if key not in OBJECTIVE_META]
     )
-    if cfg.model.get("compile"):
-        # In place (nn.Module.compile), so parameter names and checkpoints do not change.
-        encoder.compile()
-        decoder.compile()
-    return VAE(encoder, decoder, likelihood, prior, (c, h, w), latent_dim)
+    return instantiate(objective)
+
+
+def check_optimizer(optimizer, model: torch.nn.Module) -> None:
+    """Build the optimizer once now, so a bad argument (optimizer.lr=-1) is one line before any
+    work starts, not torch's traceback at the first step."""
+    try:
+        optimizer(model.parameters())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {e}") from e
 
 
 def build_module(
     cfg: DictConfig,
-    datamodule: MNISTFamilyDataModule,
+    datamodule: ImageDataModule,
     run_config: dict[str, Any] | None = None,
 ) -> VAEModule:
-    vae = build_vae(cfg, datamodule.image_shape)
-    if vae.likelihood.binary_data and datamodule.binarize == "none":
+    model = build_model(cfg, datamodule.image_shape)
+    likelihood = model.likelihood
+    pixel_model = datamodule.pixel_model
+    if pixel_model not in likelihood.accepts:
         raise ConfigError(
-            f"likelihood {vae.likelihood!r} is a distribution over binary pixels but "
-            "data.binarize=none; use data.binarize=dynamic or static, or a likelihood for "
-            "[0, 1] values (gaussian, gaussian_fixed, continuous_bernoulli)"
+            f"likelihood {likelihood!r} accepts {' or '.join(likelihood.accepts)} pixels, but "
+            f"the data supply {pixel_model} pixels (data.binarize={datamodule.binarize}, "
+            f"data.dequantize={str(datamodule.dequantize).lower()}); "
+            + (
+                "use data.binarize=dynamic or static"
+                if likelihood.accepts == ("binary",)
+                else "change data.binarize / data.dequantize or the likelihood"
+            )
+            + " (likelihoods for [0, 1] values: gaussian, gaussian_fixed, continuous_bernoulli)"
         )
+    optimizer = instantiate(cfg.optimizer)
+    check_optimizer(optimizer, model)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    monitor = cfg.get("monitor") or {"metric": "val/elbo"}
     return VAEModule(
-        check_finite=bool(cfg.get("check_finite", True)),
-        vae=vae,
-        objective=instantiate(cfg.objective),
-        optimizer=instantiate(cfg.optimizer),
+        model=model,
+        objective=build_objective(cfg),
+        optimizer=optimizer,
         scheduler=scheduler,
-        bpd_offset=datamodule.bpd_offset,
+        monitor=monitor["metric"],
+        bpd_offset=likelihood.bpd_offset(pixel_model),
         run_config=run_config,
     )
-
-
-def check_targets(
-    config: Mapping[str, Any] | list, where: str, packages: tuple[str, ...] = TRUSTED_PACKAGES
-) -> None:
-    """Refuse any `_target_` outside `packages` (configs read back are untrusted input)."""
-    items = config.items() if isinstance(config, Mapping) else enumerate(config)
-    for key, value in items:
-        if key == "_target_" and not (isinstance(value, str) and value.startswith(packages)):
-            raise ConfigError(
-                f"{where}: refusing to instantiate _target_={value!r}; only classes from "
-                f"{', '.join(p.rstrip('.') for p in packages)} are allowed"
-            )
-        if isinstance(value, Mapping | list):
-            check_targets(value, where, packages)

@@ -11,12 +11,12 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.build import check_targets
 from vaelab.errors import CheckpointError
+from vaelab.trust import check_targets
 
 REQUIRED_GROUPS = ("data", "model", "likelihood", "prior", "objective", "optimizer")
-#: The groups evaluation instantiates; the rest of the saved config is never instantiated.
-BUILT_GROUPS = (*REQUIRED_GROUPS, "scheduler")
+#: What evaluation reads; the rest of the saved config is never instantiated.
+BUILT_GROUPS = (*REQUIRED_GROUPS, "scheduler", "monitor")
 
 
 def find_checkpoint(run: str | Path, which: str = "best") -> Path:
@@ -60,8 +60,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def checkpoint_config(checkpoint: dict[str, Any], path: Path) -> DictConfig:
-    """The run config saved in the checkpoint, checked before anything is instantiated."""
+def checkpoint_config(
+    checkpoint: dict[str, Any], path: Path, trusted: list[str] | tuple[str, ...] = ()
+) -> DictConfig:
+    """The run config saved in the checkpoint, checked before anything is instantiated: only
+    vaelab's own targets and those under `trusted` (the evaluation's `trusted_targets`)."""
     config = checkpoint.get("hyper_parameters")
     if not isinstance(config, dict) or any(g not in config for g in REQUIRED_GROUPS):
         raise CheckpointError(
@@ -69,7 +72,12 @@ def checkpoint_config(checkpoint: dict[str, Any], path: Path) -> DictConfig:
             f"{', '.join(REQUIRED_GROUPS)})"
         )
     config = {key: value for key, value in config.items() if key in BUILT_GROUPS}
-    check_targets(config, str(path))
+    if "_target_" not in config["model"]:
+        raise CheckpointError(
+            f"{path} was written by an older vaelab whose model config names no class "
+            "(model._target_); retrain it with this version"
+        )
+    check_targets(config, str(path), trusted)
     return OmegaConf.create(config)
 
 

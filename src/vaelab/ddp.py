@@ -16,6 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd, to_absolute_path
 from lightning.pytorch.strategies.launchers import subprocess_script
 
+from vaelab.errors import private_api
+
 
 def hydra_child_command(local_rank: int) -> tuple[Sequence[str], str]:
     """The command and working dir for DDP process `local_rank` of this Hydra job."""
@@ -37,5 +39,9 @@ def hydra_child_command(local_rank: int) -> tuple[Sequence[str], str]:
 
 
 def use_hydra_child_command() -> None:
-    """Make Lightning's subprocess launcher start DDP processes with hydra_child_command."""
+    """Make Lightning's subprocess launcher start DDP processes with hydra_child_command.
+
+    Lightning has no public hook for the command of a DDP child under Hydra: its launcher calls
+    the module-level `_hydra_subprocess_cmd`, which is replaced here (checked to exist first)."""
+    private_api(subprocess_script, "_hydra_subprocess_cmd")
     subprocess_script._hydra_subprocess_cmd = hydra_child_command

@@ -55,3 +55,20 @@ def require_number(name: str, value: object, minimum: float) -> None:
         isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum,
         f"{name} must be a number >= {minimum:g}, got {value!r}",
     )
+
+
+class LightningAPIError(VaelabError, RuntimeError):
+    """A private attribute of Lightning (or torch) that vaelab relies on is gone."""
+
+
+def private_api(owner: object, name: str, library: str = "lightning"):
+    """`getattr(owner, name)` for one of the few private attributes vaelab uses where no public
+    route exists; a clear error naming it (and the versions pyproject.toml pins) if a release of
+    `library` removed it."""
+    try:
+        return getattr(owner, name)
+    except AttributeError as e:
+        raise LightningAPIError(
+            f"{type(owner).__name__}.{name} is gone from this {library} release; vaelab relies "
+            "on it and is tested with the versions pinned in pyproject.toml"
+        ) from e

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
 from vaelab.build import build_datamodule, build_module
+from vaelab.callbacks import RandomState
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
@@ -70,7 +71,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = find_checkpoint(run, cfg.eval.checkpoint)
     checkpoint = load_checkpoint(ckpt_path)
-    train_cfg = checkpoint_config(checkpoint, ckpt_path)
+    train_cfg = checkpoint_config(checkpoint, ckpt_path, list(cfg.get("trusted_targets") or []))
     with open_dict(train_cfg):
         # Data live where this machine keeps them, not where the training machine did.
         train_cfg.data.data_dir = cfg.paths.data_dir
@@ -89,13 +90,13 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     split = cfg.eval.split
     metrics = step_metrics(cfg, module, datamodule, split)
     device = pick_device(cfg.eval.accelerator)
-    vae = module.vae.to(device).eval()
+    model = module.model.to(device).eval()
     torch.manual_seed(cfg.seed)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     probabilistic = getattr(module.objective, "probabilistic", True)
     start = time.perf_counter()
     results = evaluate_split(
-        vae,
+        model,
         loader,
         datamodule,
         cfg.eval.k,
@@ -106,7 +107,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         compile=cfg.eval.get("compile", "auto"),
     )
     seconds = time.perf_counter() - start
-    is_metrics, per_dim = summarise(results, split, datamodule.num_dims, datamodule.bpd_offset)
+    is_metrics, per_dim = summarise(results, split, datamodule.num_dims, module.bpd_offset)
     metrics.update(is_metrics)
 
     report = {
@@ -122,7 +123,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         "device": str(device),
         "objective": repr(module.objective),
         "denoising": datamodule.noise if datamodule.noise != "none" else None,
-        "pixel_model": datamodule.pixel_model,
+        "pixel_model": f"{datamodule.pixel_description}; {bpd_protocol(module.bpd_offset)}",
         "units": "nats per example; bpd in bits per dimension (from nll_is); mse per pixel",
         "metrics": metrics,
         **per_dim,
@@ -139,7 +140,9 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     renamed = {key: key.replace(f"{split}/", f"{split}{subset}/", 1) for key in is_metrics}
     tensorboard_metrics = {renamed.get(key, key): value for key, value in metrics.items()}
     kl_order = per_dim["kl_dim_order"]
-    draw(vae, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics, subset)
+    draw(
+        model, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics, subset
+    )
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")
     return {
@@ -149,7 +152,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         },
         "samples": str(out_dir / "samples.png"),
         "model_info": {
-            "latent_dim": train_cfg.model.latent_dim,
+            "latent_dim": train_cfg.model.get("latent_dim"),
             "beta": train_cfg.objective.get("beta", 1.0),
         },
     }
@@ -165,6 +168,7 @@ def step_metrics(cfg: DictConfig, module, datamodule, split: str) -> dict[str, f
         enable_model_summary=False,
         enable_progress_bar=False,
         default_root_dir=cfg.paths.output_dir,
+        callbacks=[RandomState(eval_seed=0)],
     )
     loop = trainer.test if split == "test" else trainer.validate
     (results,) = loop(module, datamodule=datamodule, verbose=False)
@@ -175,13 +179,22 @@ def step_metrics(cfg: DictConfig, module, datamodule, split: str) -> dict[str, f
     return metrics
 
 
+def bpd_protocol(bpd_offset: float | None) -> str:
+    """How bits per dimension follow from the NLL for this likelihood and pixel model."""
+    if bpd_offset is None:
+        return "bpd undefined (a density on values that are not dequantised)"
+    if bpd_offset == 0:
+        return "bpd = nll / (D ln 2)"
+    return "bpd = (nll / D + ln 256) / ln 2"
+
+
 def pick_device(accelerator: str) -> torch.device:
     wants_gpu = accelerator in ("auto", "gpu", "cuda")
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
 def draw(
-    vae,
+    model,
     results,
     kl_order,
     out_dir: Path,
@@ -196,14 +209,14 @@ def draw(
     computed from the subset (the caller's metric names, `eval{subset}/...` pictures, the
     projector's embedding), so they do not sit beside the whole split's at the same step."""
     examples, inputs = results.cat("examples"), results.cat("example_inputs")
-    device = next(vae.parameters()).device
+    device = next(model.parameters()).device
     grids = pictures.image_grids(
-        vae, inputs[:16].to(device), kl_order, seed=seed, targets=examples[:16].to(device)
+        model, inputs[:16].to(device), kl_order, seed=seed, targets=examples[:16].to(device)
     )
     for name, image in grids.items():
         torchvision.utils.save_image(image, out_dir / f"{name}.png")
     means, labels = results.cat("posterior_mean"), results.cat("labels")
-    name = "latent_scatter" if vae.latent_dim == 2 else "latent_pca"
+    name = "latent_scatter" if model.latent_dim == 2 else "latent_pca"
     figure = pictures.latent_scatter(means, labels, f"posterior means ({report['split']} split)")
     figure.savefig(out_dir / f"{name}.png", dpi=120)
 
@@ -219,7 +232,7 @@ def draw(
         for image_name, image in grids.items():
             writer.add_image(f"eval{subset}/{image_name}", image, step)
         writer.add_figure(f"eval{subset}/{name}", figure, step)
-        if vae.latent_dim > 2:
+        if means.shape[1] > 2:
             pictures.log_embedding(writer, means, labels, examples, step, f"posterior_mean{subset}")
 
 

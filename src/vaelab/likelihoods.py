@@ -1,8 +1,13 @@
 """Likelihoods p(x|z): decoder output (N, P*C, H, W) -> a torch.distributions object.
 
-Each likelihood says how many parameters per pixel value it needs (`params_per_pixel`, P) and
-returns an `Independent` distribution whose event is one whole image (C, H, W), so `log_prob(x)`
-is one number per example, in nats.
+Each likelihood declares what it needs and accepts, and returns an `Independent` distribution
+whose event is one whole image (C, H, W), so `log_prob(x)` is one number per example, in nats:
+
+- `out_channels(c)`: the decoder's output channels for images of c channels (P * c for P
+  parameters per pixel value; a likelihood that couples channels may need another count);
+- `accepts`: the pixel models of the data it is a distribution over (`PIXEL_MODELS`: binary
+  pixels, uniformly dequantised 8-bit values, discrete 8-bit values k/255);
+- `bpd_offset(pixel_model)`: what turns its -log p(x) / D into bits per dimension on those data.
 
 - Bernoulli: logits; for binary pixels. Its `log_prob` is torch's, summed over the image by a
   faster route (`BernoulliImages`): the likelihood is a large part of a small VAE's step on a
@@ -23,16 +28,33 @@ from torch.distributions import Distribution, Independent, Normal
 from vaelab.errors import require
 
 IMAGE_EVENT_DIMS = 3  # (C, H, W) form one event
+#: What the data side supplies (the DataModule's `pixel_model`): binary pixels in {0, 1};
+#: 8-bit values dequantised to (k + u) / 256, u ~ U(0, 1); 8-bit values k / 255 as they are.
+PIXEL_MODELS = ("binary", "dequantized", "discrete")
+LN_256 = math.log(256)
 
 
 class Likelihood:
-    """Base class: `params_per_pixel` parameters per pixel value; `__call__` builds p(x|z)."""
+    """Base class: `params_per_pixel` parameters per pixel value; `__call__` builds p(x|z).
+
+    The default is a density on [0, 1]: it accepts every pixel model, and its bits per dimension
+    are those of the 8-bit image only on dequantised data (Theis et al. 2016: -log p(x) / D + ln
+    256, the bin width 1/256); on binary or discrete values a density is not a probability, so
+    bits per dimension are undefined there."""
 
     params_per_pixel: int = 1
-    #: True when the likelihood is a probability mass on {0, 1}: data must be binarised.
-    binary_data: bool = False
+    accepts: tuple[str, ...] = PIXEL_MODELS
 
-    def __call__(self, params: Tensor) -> Distribution:  # (N, P*C, H, W) -> event (C, H, W)
+    def out_channels(self, channels: int) -> int:
+        """Decoder output channels for images of `channels` channels."""
+        return self.params_per_pixel * channels
+
+    def bpd_offset(self, pixel_model: str) -> float | None:
+        """Nats per dimension added to -log p(x) / D before dividing by ln 2 (None: no bits per
+        dimension for this pair)."""
+        return LN_256 if pixel_model == "dequantized" else None
+
+    def __call__(self, params: Tensor) -> Distribution:  # (N, out_channels, H, W) -> (C, H, W)
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -40,7 +62,13 @@ class Likelihood:
 
 
 class Bernoulli(Likelihood):
-    binary_data = True
+    """A probability mass on {0, 1} per pixel: binary data only, its -log p(x) / (D ln 2) is
+    already bits per dimension."""
+
+    accepts = ("binary",)
+
+    def bpd_offset(self, pixel_model: str) -> float | None:
+        return 0.0 if pixel_model == "binary" else None
 
     def __call__(self, params: Tensor) -> Distribution:
         return BernoulliImages(params)

@@ -4,8 +4,9 @@ ELBO (Kingma & Welling 2013):  ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))  <
 
 - distortion = -E_q[log p(x|z)], estimated with `n_samples` reparameterised draws z = mu + sigma*eps
   (`q.rsample`), summed over pixels, averaged over the draws;
-- rate = KL(q(z|x) || p(z)), from torch's KL registry (closed form for Gaussians), summed over
-  latent dimensions;
+- rate = KL(q(z|x) || p(z)), the model's `rate`: torch's KL registry where the pair is registered
+  (closed form for a Gaussian posterior and prior), else the Monte-Carlo estimate
+  log q(z|x) - log p(z) on the same draws (mixture priors);
 - loss = distortion + beta * rate, averaged over the batch. beta scales the rate against this
   nats-per-example scale: beta=1 is the true bound, beta>1 the beta-VAE of Higgins et al. (2017).
 
@@ -16,16 +17,15 @@ no ELBO and reports its distortion only).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Distribution
 
 from vaelab.errors import require, require_int, require_number
-from vaelab.vae import VAE
+from vaelab.models import LatentVariableModel
 
 
 class KLSchedule:
@@ -110,7 +110,11 @@ class ELBO:
         return self.schedule.beta
 
     def __call__(
-        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+        self,
+        model: LatentVariableModel,
+        x: Tensor,
+        target: Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Tensor]:
         """Per-example parts (each shape (B,)) and the batch-mean `loss` to minimise.
 
@@ -118,14 +122,19 @@ class ELBO:
         for a denoising autoencoder). step drives the KL schedule (None: the target beta).
         """
         target = x if target is None else target
-        q = vae.posterior(x)  # batch (B,), event (latent_dim,)
-        prior = vae.prior()
-        z = q.rsample((self.n_samples,))  # (L, B, latent_dim)
-        distortion = -vae.decode(z).log_prob(target).mean(0)  # (B,)
-        rate = kl_divergence(q, prior)  # (B,)
+        q = model.posterior(x)  # batch (B,)
+        prior = model.prior()
+        z = q.rsample((self.n_samples,))  # (L, B, ...)
+        distortion = -model.log_likelihood(target, z).mean(0)  # (B,)
+        rate = model.rate(q, prior, z)  # (B,)
         if self.free_bits > 0:
-            per_dim = kl_divergence(q.base_dist, prior.base_dist).mean(0)  # (latent_dim,)
-            penalty = per_dim.clamp(min=self.free_bits).sum()
+            per_dim = model.rate_per_dim(q, prior)
+            require(
+                per_dim is not None,
+                f"objective.free_bits needs a KL per latent dimension, which this prior has not "
+                f"({type(prior).__name__}); use free_bits=0 or a factorised prior",
+            )
+            penalty = per_dim.mean(0).clamp(min=self.free_bits).sum()
         else:
             penalty = rate.mean()
         beta = self.schedule(step)
@@ -147,7 +156,7 @@ class IWAE:
 
     loss = -L_k = -log (1/k) sum_i p(x, z_i) / q(z_i|x) with k reparameterised draws, so the
     gradient flows through every sample, weighted by its normalised importance weight. With k=1
-    it is the single-sample ELBO with a Monte-Carlo KL. Also reports the ELBO (closed-form KL,
+    it is the single-sample ELBO with a Monte-Carlo KL. Also reports the ELBO (the model's rate,
     beta=1, from the same draws' likelihoods) and `iwae` = L_k, per example.
     """
 
@@ -159,17 +168,21 @@ class IWAE:
         self.k = k
 
     def __call__(
-        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+        self,
+        model: LatentVariableModel,
+        x: Tensor,
+        target: Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Tensor]:
         target = x if target is None else target
-        q = vae.posterior(x)
-        prior = vae.prior()
-        z = q.rsample((self.k,))  # (k, B, latent_dim)
-        log_px = vae.decode(z).log_prob(target)  # (k, B)
+        q = model.posterior(x)
+        prior = model.prior()
+        z = q.rsample((self.k,))  # (k, B, ...)
+        log_px = model.log_likelihood(target, z)  # (k, B)
         log_w = log_px + prior.log_prob(z) - q.log_prob(z)
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)  # (B,)
         distortion = -log_px.mean(0)
-        rate = kl_divergence(q, prior)
+        rate = model.rate(q, prior, z)
         return dict(
             loss=-bound.mean(),
             elbo=-(distortion + rate),
@@ -202,10 +215,14 @@ class Autoencoder:
         self.reconstruction = reconstruction
 
     def __call__(
-        self, vae: VAE, x: Tensor, target: Tensor | None = None, step: int | None = None
+        self,
+        model: LatentVariableModel,
+        x: Tensor,
+        target: Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, Tensor]:
         target = x if target is None else target
-        p = vae.decode(vae.posterior(x).mean)
+        p = model.decode(model.posterior(x).mean)
         distortion = -p.log_prob(target)  # (B,)
         squared_error = (p.mean - target).pow(2).flatten(1).sum(-1)  # (B,)
         loss = distortion if self.reconstruction == "likelihood" else squared_error
@@ -215,22 +232,14 @@ class Autoencoder:
         return f"Autoencoder(reconstruction={self.reconstruction!r})"
 
 
-#: log w = log p(x, z) - log q(z|x) from (x, z, posterior loc, posterior scale): `log_weights`
-#: or a compiled version of it.
-LogWeightsFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-
-
-def log_weights(vae: VAE, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """log w_i = log p(x, z_i) - log q(z_i|x) for codes z (n, B, latent_dim) drawn from the
-    posterior q = N(loc, diag scale^2) (loc, scale: (B, latent_dim)): shape (n, B). Tensors in,
-    tensors out, so that `torch.compile` can fuse it into a few kernels."""
-    q = Independent(Normal(loc, scale), 1)
-    return vae.decode(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
+#: log w = log p(x, z) - log q(z|x) from (x, codes z, posterior q, prior p): the model's
+#: `log_weights`, or a compiled version of it (vaelab.evaluation.metrics.CompiledLogWeights).
+LogWeightsFn = Callable[[Tensor, Tensor, Distribution, Distribution], Tensor]
 
 
 @torch.no_grad()
 def iwae_bound(
-    vae: VAE,
+    model: LatentVariableModel,
     x: Tensor,
     k: int,
     max_codes: int = 5000,
@@ -247,20 +256,20 @@ def iwae_bound(
     Returns `log_likelihood` (L_k) and `elbo` (the mean log-weight, a Monte-Carlo ELBO), each (B,).
     The proposal is q(z|inputs) (default x): any proposal gives an unbiased estimate of p(x), so
     a denoising model's q(z|noisy x) estimates the likelihood of the clean x. `weights_fn`
-    replaces `log_weights(vae, ...)`, e.g. by a compiled version of it; the codes are drawn
-    outside it, so both see the same random numbers.
+    replaces `model.log_weights`, e.g. by a compiled version of it; the codes are drawn outside
+    it, so both see the same random numbers. The prior is built once for all chunks.
     """
     require(isinstance(k, int) and k >= 1, f"eval.k must be an integer >= 1, got {k!r}")
     if weights_fn is None:
-        weights_fn = functools.partial(log_weights, vae)
-    q = vae.posterior(x if inputs is None else inputs)
-    loc, scale = q.base_dist.loc, q.base_dist.scale
+        weights_fn = model.log_weights
+    q = model.posterior(x if inputs is None else inputs)
+    p = model.prior()
     chunk = max(1, min(k, max_codes // len(x)))
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)
     for start in range(0, k, chunk):
-        z = q.sample((min(chunk, k - start),))  # (n, B, latent_dim)
-        log_w = weights_fn(x, z, loc, scale)  # (n, B)
+        z = q.sample((min(chunk, k - start),))  # (n, B, ...)
+        log_w = weights_fn(x, z, q, p)  # (n, B)
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
         weight_sum += log_w.sum(0)
     return dict(log_likelihood=log_sum - math.log(k), elbo=weight_sum / k)

@@ -9,13 +9,18 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vaelab.build import check_targets
 from vaelab.errors import CheckpointError, ConfigError
+from vaelab.trust import check_targets
 
-#: What resuming may change: how long and how to train, where the files are.
-RESUMABLE_PREFIXES = ("trainer.", "paths.", "resume=", "check_finite=", "validate_args=")
-#: A config read back from a run dir may instantiate only these.
-RESUME_PACKAGES = ("vaelab.", "torch.", "lightning.")
+#: What resuming may change: how long and how to train, where the files are, what to trust.
+RESUMABLE_PREFIXES = (
+    "trainer.",
+    "paths.",
+    "resume=",
+    "check_finite=",
+    "validate_args=",
+    "trusted_targets=",
+)
 
 
 def resume_config(cfg: DictConfig) -> DictConfig:
@@ -32,7 +37,8 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if not saved_file.is_file():
         raise CheckpointError(f"resume={cfg.resume}: no .hydra/config.yaml in that run dir")
     saved = OmegaConf.load(saved_file)
-    check_targets(OmegaConf.to_container(saved), str(saved_file), RESUME_PACKAGES)
+    trusted = list(cfg.get("trusted_targets") or [])
+    check_targets(OmegaConf.to_container(saved), str(saved_file), trusted)
 
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     refused = [o for o in overrides if not o.lstrip("+~").startswith(RESUMABLE_PREFIXES)]
@@ -47,6 +53,7 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         saved.ckpt_path = str(last)
         saved.check_finite = cfg.get("check_finite", True)
         saved.validate_args = cfg.get("validate_args", False)
+        saved.trusted_targets = trusted
         for override in overrides:
             key, _, value = override.lstrip("+~").partition("=")
             if key.startswith("trainer."):

@@ -12,31 +12,29 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import evaluate
 from vaelab.build import build_datamodule, build_module
+from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError
 from vaelab.resume import checkpoint_step, resume_config
 
 log = logging.getLogger(__name__)
+TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs group (callbacks, loggers)."""
+def instantiate_group(group: DictConfig | None, **kwargs_by_target: dict) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers); entries whose
+    `_target_` is a key of `kwargs_by_target` get those extra arguments."""
     if not group:
         return []
-    return [instantiate(entry) for entry in group.values() if entry and "_target_" in entry]
-
-
-def purge_after(logger, step: int):
-    """A TensorBoard logger whose writer marks a restart at `step` (TensorBoard then discards
-    the older events logged at later steps); other loggers unchanged."""
-    if isinstance(logger, TensorBoardLogger):
-        logger._kwargs["purge_step"] = step
-    return logger
+    return [
+        instantiate(entry, **kwargs_by_target.get(entry._target_, {}))
+        for entry in group.values()
+        if entry and "_target_" in entry
+    ]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -60,8 +58,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    run_config.pop("hydra", None)
+    # The task config (a composed config may carry Hydra's own node, which is not the run's).
+    task_keys = [key for key in cfg if key != "hydra"]
+    run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, task_keys), resolve=True)
     if HydraConfig.initialized():  # which option of each group, for the HParams table
         run_config["choices"] = {
             group: choice
@@ -70,17 +69,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule, run_config=run_config)
-    loggers = instantiate_group(cfg.get("logger"))
+    logger_kwargs = {}
     if cfg.get("ckpt_path"):
         # Continuing: TensorBoard drops the events the interrupted run logged after this
-        # checkpoint, so the curves have no duplicated steps.
-        step = checkpoint_step(cfg.ckpt_path)
-        loggers = [purge_after(logger, step) for logger in loggers]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=loggers or False,
-    )
+        # checkpoint (the SummaryWriter's purge_step), so the curves have no duplicated steps.
+        purge = {"purge_step": checkpoint_step(cfg.ckpt_path)}
+        logger_kwargs = {TENSORBOARD_LOGGER: purge}
+    loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks += reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("Output dir: %s", cfg.paths.output_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -111,9 +109,15 @@ def final_evaluation(cfg: DictConfig) -> dict[str, float]:
     overrides, into <run dir>/evaluation."""
     run_dir = Path(cfg.paths.output_dir)
     settings = [f"eval.{key}={value}" for key, value in cfg.final_evaluation.items()]
+    trusted = list(cfg.get("trusted_targets") or [])
     eval_cfg = compose(
         "evaluate",
-        overrides=[f"run={run_dir}", f"paths.data_dir={cfg.paths.data_dir}", *settings],
+        overrides=[
+            f"run={run_dir}",
+            f"paths.data_dir={cfg.paths.data_dir}",
+            f"trusted_targets={trusted}",
+            *settings,
+        ],
     )
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(run_dir / "evaluation")

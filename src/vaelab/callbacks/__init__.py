@@ -1,7 +1,15 @@
-"""Callbacks: side effects (images, reports) that stay out of the LightningModule."""
+"""Callbacks: side effects (images, reports, guards) that stay out of the LightningModule."""
 
 from vaelab.callbacks.checkpointing import LastCheckpoint
 from vaelab.callbacks.hparams import HParamsLogger
 from vaelab.callbacks.images import ImageLogger
+from vaelab.callbacks.reliability import FiniteGuard, RandomState, reliability_callbacks
 
-__all__ = ["HParamsLogger", "ImageLogger", "LastCheckpoint"]
+__all__ = [
+    "FiniteGuard",
+    "HParamsLogger",
+    "ImageLogger",
+    "LastCheckpoint",
+    "RandomState",
+    "reliability_callbacks",
+]

@@ -25,7 +25,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vaelab.errors import require
+from vaelab.errors import private_api, require
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
@@ -65,7 +65,9 @@ class LastCheckpoint(Checkpoint):
         self.save(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        notify = trainer._signal_connector._sigterm_notifier_fn
+        # Lightning's own SIGTERM path (stop at the next batch boundary) has no public entry.
+        connector = private_api(trainer, "_signal_connector")
+        notify = private_api(connector, "_sigterm_notifier_fn")
 
         def on_sigint(signum, frame) -> None:
             log.warning(

@@ -9,14 +9,15 @@ scalars, so the table and parallel-coordinates views compare every run of a swee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.logger import _flatten_dict, _sanitize_params
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams
 
 from vaelab.callbacks.images import tensorboard_writer
+from vaelab.errors import private_api
 
 #: Config subtrees that say how a run was executed, not what was trained.
 EXCLUDED = ("paths/", "callbacks/", "logger/", "hydra/")
@@ -35,13 +36,15 @@ class HParamsLogger(L.Callback):
         writer = tensorboard_writer(trainer)
         if writer is None or not pl_module.hparams:
             return
-        flat = _sanitize_params(_flatten_dict(dict(pl_module.hparams)))
+        flat = flatten(dict(pl_module.hparams))
         params = {
             key: value
             for key, value in flat.items()
             if not key.startswith(EXCLUDED) and not key.endswith(("/_target_", "/_partial_"))
         }
-        file_writer = writer._get_file_writer()
+        # SummaryWriter.add_hparams would write into a sub-run of its own; the run's own file
+        # writer has no public accessor.
+        file_writer = private_api(writer, "_get_file_writer", "torch.utils.tensorboard")()
         for summary in hparams(params, {name: 0.0 for name in self.metrics}):
             file_writer.add_summary(summary)
         writer.flush()
@@ -59,3 +62,18 @@ class HParamsLogger(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, float | None]) -> None:
         self.best_elbo = state_dict["best_elbo"]
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a/b": 1}, lists and other values as HParams can show them (numbers,
+    strings, booleans; anything else as its string)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

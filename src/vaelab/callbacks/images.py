@@ -1,7 +1,8 @@
 """Image logging to TensorBoard: inputs vs reconstructions, and samples from the prior.
 
-Rank zero only. The same validation images and the same prior codes are used every epoch, so the
-grids of successive epochs show the model improving rather than new draws.
+Rank zero only. The same validation images and the same random numbers for the prior's draws are
+used every epoch, so the grids of successive epochs show the model improving rather than new
+draws (with a learned prior, the codes move with it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vaelab.errors import require
 class ImageLogger(L.Callback):
     """Every `every_n_epochs` validation epochs, log `images/reconstructions` (inputs above their
     reconstructions, and the clean targets below when the inputs are corrupted) and
-    `images/samples` (means of p(x|z), z ~ p(z))."""
+    `images/samples` (means of p(x|z), z ~ p(z) from the model's prior)."""
 
     def __init__(self, n_images: int = 16, n_samples: int = 64, every_n_epochs: int = 1) -> None:
         require(n_images >= 1, f"callbacks image n_images must be >= 1, got {n_images}")
@@ -31,7 +32,7 @@ class ImageLogger(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.inputs: Tensor | None = None
         self.targets: Tensor | None = None
-        self.codes: Tensor | None = None
+        self.seed = 0
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -40,17 +41,20 @@ class ImageLogger(L.Callback):
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        vae = pl_module.vae
+        model = pl_module.model
         if self.inputs is None:
             batch = next(iter(trainer.datamodule.val_dataloader()))
             inputs, targets, _ = trainer.datamodule.fetch(
                 move_data_to_device(batch, pl_module.device)
             )
             self.inputs, self.targets = inputs[: self.n_images], targets[: self.n_images]
-            self.codes = vae.prior().sample((self.n_samples,))
-        with torch.no_grad():
-            reconstructions = vae.reconstruct(self.inputs)
-            samples = vae.decode(self.codes).mean
+        # The same random numbers every epoch (a learned prior still moves), outside the run's
+        # random state.
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            samples = model.decode(model.sample_codes(self.n_samples)).mean
+            reconstructions = model.reconstruct(self.inputs)
         step = trainer.global_step
         writer.add_image(
             "images/reconstructions", pair_grid(self.inputs, reconstructions, self.targets), step

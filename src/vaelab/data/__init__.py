@@ -1,5 +1,6 @@
-"""Data: LightningDataModules that know image shape, pixel model and splits."""
+"""Data: one image LightningDataModule over small image sources."""
 
-from vaelab.data.datamodule import FashionMNISTDataModule, MNISTDataModule, MNISTFamilyDataModule
+from vaelab.data.datamodule import ImageDataModule
+from vaelab.data.sources import MNIST, FashionMNIST, ImageSource
 
-__all__ = ["FashionMNISTDataModule", "MNISTDataModule", "MNISTFamilyDataModule"]
+__all__ = ["MNIST", "FashionMNIST", "ImageDataModule", "ImageSource"]

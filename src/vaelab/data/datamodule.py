@@ -1,9 +1,11 @@
-"""LightningDataModules for the MNIST family.
+"""The image LightningDataModule: one class for every image dataset, over an image source.
 
 The DataModule is the one place that knows the data: its image shape (the model is built from
-it), its pixel model (binary or 8-bit, and so how bits per dimension are computed) and how stored
-pixels become model inputs. Splits: validation carved from the training set with a fixed seed;
-the real test set for testing.
+it), its pixel model (what it supplies: binary pixels, dequantised or discrete 8-bit values; the
+likelihood says whether it accepts them and how bits per dimension follow) and how stored pixels
+become model inputs. The dataset itself is an `ImageSource` (vaelab.data.sources) that only reads
+files into uint8 tensors. Splits: validation carved from the training set with a fixed seed
+(unless the source has its own), the real test set for testing.
 
 Binarisation (`binarize`):
 - `dynamic`: training images are resampled x ~ Bernoulli(intensity) every time they are drawn
@@ -20,8 +22,9 @@ Data paths:
   only index batches, and a batch is one indexing operation on the device; with
   `device_cache=false` the batch is indexed on the CPU and copied each step. Either way
   binarisation / dequantisation run per batch on the device: no per-sample PIL or ToTensor.
-- `in_memory=false`: torchvision's per-sample dataset (PIL -> tensor per image), for data that do
-  not fit in memory; it needs the uncompressed IDX files (torchvision unpacks them on download).
+- `in_memory=false`: the source's per-sample dataset (one image read at a time; for the IDX
+  sources torchvision's, which needs the uncompressed files), for data that do not fit in
+  memory.
 Both are plain map-style datasets, so under DDP Lightning's DistributedSampler gives each process
 its own shard.
 """
@@ -29,12 +32,9 @@ its own shard.
 from __future__ import annotations
 
 import math
-import urllib.error
-from typing import ClassVar
 
 import lightning as L
 import torch
-import torchvision
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -44,25 +44,21 @@ from vaelab.data.datasets import (
     InMemoryImages,
     SplitIndices,
     as_batch,
-    load_split,
-    missing_files,
-    raw_folder,
 )
 from vaelab.data.loaders import EpochSampler, ResumableLoader
+from vaelab.data.sources import ImageSource
 from vaelab.errors import DataError, require, require_int, require_number
 
 BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
 
 
-class MNISTFamilyDataModule(L.LightningDataModule):
-    """28x28 grayscale datasets stored in torchvision's `<Name>/raw/` IDX layout."""
-
-    torchvision_class: ClassVar[type[torchvision.datasets.MNIST]]
-    image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
+class ImageDataModule(L.LightningDataModule):
+    """Any image dataset: `source` reads it, this class serves it (see the module docstring)."""
 
     def __init__(
         self,
+        source: ImageSource,
         data_dir: str,
         batch_size: int = 128,
         binarize: str = "dynamic",
@@ -98,6 +94,13 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         )
         require_number("data.noise_std", noise_std, 0)
         require(0 < noise_prob < 1, f"data.noise_prob must be in (0, 1), got {noise_prob}")
+        require(
+            isinstance(source, ImageSource),
+            f"data.source must be an image source (vaelab.data.sources.ImageSource), got "
+            f"{source!r}",
+        )
+        self.source = source
+        self.image_shape = tuple(source.image_shape)
         self.data_dir = data_dir
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -121,7 +124,7 @@ class MNISTFamilyDataModule(L.LightningDataModule):
 
     @property
     def name(self) -> str:
-        return self.torchvision_class.__name__
+        return self.source.name
 
     # --- what the model and the metrics need to know --------------------------------------
     @property
@@ -130,69 +133,45 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         return math.prod(self.image_shape)
 
     @property
-    def bpd_offset(self) -> float | None:
-        """Nats per dimension added to -log p(x)/D before converting to bits (None: undefined).
-
-        Binary data: 0 (log p is already a log-probability). Dequantised 8-bit data: ln 256, the
-        log of the bin width 1/256 that turns a density into the probability of a pixel value.
-        """
+    def pixel_model(self) -> str:
+        """What the model inputs are (vaelab.likelihoods.PIXEL_MODELS): `binary`, `dequantized`
+        (8-bit values as (k + u) / 256) or `discrete` (8-bit values as k / 255)."""
         if self.binarize != "none":
-            return 0.0
-        return math.log(256) if self.dequantize else None
+            return "binary"
+        return "dequantized" if self.dequantize else "discrete"
 
     @property
-    def pixel_model(self) -> str:
+    def pixel_description(self) -> str:
         """How the numbers should be read; printed beside bits per dimension."""
         if self.binarize != "none":
-            return f"binary pixels ({self.binarize} binarisation); bpd = nll / (D ln 2)"
+            return f"binary pixels ({self.binarize} binarisation)"
         if self.dequantize:
-            return "8-bit pixels, uniformly dequantised; bpd = (nll / D + ln 256) / ln 2"
-        return "continuous pixels in [0, 1] without dequantisation; bpd undefined"
+            return "8-bit pixels, uniformly dequantised to (k + u) / 256"
+        return "8-bit pixels as k / 255, not dequantised"
 
     # --- Lightning hooks --------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Download once (rank zero) if files are missing and downloading is allowed."""
-        missing = missing_files(self.data_dir, self.name)
+        missing = self.source.missing(self.data_dir)
         if not missing:
             return
-        folder = raw_folder(self.data_dir, self.name)
-        hint = f"set VAELAB_DATA_DIR or paths.data_dir to the folder that holds {self.name}/raw/"
         if not self.download:
             raise DataError(
-                f"{self.name} files missing in {folder}: {', '.join(missing)} (or .gz), "
-                f"and data.download=false; {hint}"
+                f"{self.name} files missing in {self.source.folder(self.data_dir)}: "
+                f"{', '.join(missing)}, and data.download=false; set VAELAB_DATA_DIR or "
+                f"paths.data_dir to the data root that holds {self.name}"
             )
-        try:
-            for train in (True, False):
-                self.torchvision_class(str(folder.parent.parent), train=train, download=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
-            raise DataError(
-                f"{self.name} files missing in {folder}: {', '.join(missing)} (or .gz), and "
-                f"the download failed ({type(e).__name__}: {e}); {hint}"
-            ) from e
+        self.source.download(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and "train" not in self.splits:
-            images, labels = load_split(self.data_dir, self.name, True, self.image_shape[1:])
-            require(
-                self.val_size < len(images),
-                f"data.val_size={self.val_size} leaves no training images "
-                f"({len(images)} in the {self.name} training set)",
-            )
-            order = torch.randperm(
-                len(images), generator=torch.Generator().manual_seed(self.split_seed)
-            )
-            val, train = order[: self.val_size], order[self.val_size :]
-            self.splits["train"] = self._pixels(images[train], labels[train], "train")
-            self.splits["val"] = self._pixels(images[val], labels[val], "val")
-            if not self.in_memory:
-                self.per_sample["train"] = self._per_sample(True, train, "train")
-                self.per_sample["val"] = self._per_sample(True, val, "val")
+            if "val" in self.source.splits:  # the dataset's own validation split
+                self._load("train", "train")
+                self._load("val", "val")
+            else:
+                self._carve_validation()
         if stage in ("test", None) and "test" not in self.splits:
-            images, labels = load_split(self.data_dir, self.name, False, self.image_shape[1:])
-            self.splits["test"] = self._pixels(images, labels, "test")
-            if not self.in_memory:
-                self.per_sample["test"] = self._per_sample(False, torch.arange(len(images)), "test")
+            self._load("test", "test")
         if "train" in self.splits:
             n_train = len(self.splits["train"])
             require(
@@ -200,6 +179,40 @@ class MNISTFamilyDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the training split "
                 f"({n_train} images)",
             )
+
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        images, labels = self.source.read(self.data_dir, split)
+        if tuple(images.shape[1:]) != self.image_shape or images.dtype != torch.uint8:
+            raise DataError(
+                f"{self.name} {split} images are {images.dtype} {tuple(images.shape[1:])}, "
+                f"expected uint8 {self.image_shape}"
+            )
+        return images, labels
+
+    def _load(self, split: str, source_split: str) -> None:
+        images, labels = self._read(source_split)
+        self.splits[split] = self._pixels(images, labels, split)
+        if not self.in_memory:
+            self.per_sample[split] = self._per_sample(
+                source_split, torch.arange(len(images)), split
+            )
+
+    def _carve_validation(self) -> None:
+        images, labels = self._read("train")
+        require(
+            self.val_size < len(images),
+            f"data.val_size={self.val_size} leaves no training images "
+            f"({len(images)} in the {self.name} training set)",
+        )
+        order = torch.randperm(
+            len(images), generator=torch.Generator().manual_seed(self.split_seed)
+        )
+        val, train = order[: self.val_size], order[self.val_size :]
+        self.splits["train"] = self._pixels(images[train], labels[train], "train")
+        self.splits["val"] = self._pixels(images[val], labels[val], "val")
+        if not self.in_memory:
+            self.per_sample["train"] = self._per_sample("train", train, "train")
+            self.per_sample["val"] = self._per_sample("train", val, "val")
 
     def _binarised_once(self, split: str) -> bool:
         return self.binarize == "static" or (self.binarize == "dynamic" and split != "train")
@@ -214,21 +227,11 @@ class MNISTFamilyDataModule(L.LightningDataModule):
             images = torch.bernoulli(images.float() / 255, generator=g).bool()
         return InMemoryImages(images, labels)
 
-    def _per_sample(self, train: bool, indices: Tensor, split: str) -> torch.utils.data.Dataset:
-        """torchvision's dataset (one PIL image at a time) restricted to the split's indices."""
-        try:
-            dataset = self.torchvision_class(
-                self.data_dir,
-                train=train,
-                download=False,
-                transform=torchvision.transforms.PILToTensor(),
-            )
-        except RuntimeError as e:
-            raise DataError(
-                f"data.in_memory=false reads through torchvision, which needs the uncompressed "
-                f"files in {raw_folder(self.data_dir, self.name)} ({e}); run once with "
-                "data.download=true on a writable data root, or use data.in_memory=true"
-            ) from e
+    def _per_sample(
+        self, source_split: str, indices: Tensor, split: str
+    ) -> torch.utils.data.Dataset:
+        """The source's per-sample dataset restricted to the split's indices."""
+        dataset = self.source.per_sample(self.data_dir, source_split)
         subset = torch.utils.data.Subset(dataset, indices.tolist())
         if self._binarised_once(split):
             return FixedBinarization(subset, self._binarize_seed(split))
@@ -327,15 +330,3 @@ class MNISTFamilyDataModule(L.LightningDataModule):
         sampler = EpochSampler(len(dataset), seed, layout=self._trainer_layout)
         self.train_loader = ResumableLoader(dataset, sampler=sampler, **common)
         return self.train_loader
-
-
-class MNISTDataModule(MNISTFamilyDataModule):
-    """LeCun et al. (1998) handwritten digits; binarised for Bernoulli likelihoods."""
-
-    torchvision_class = torchvision.datasets.MNIST
-
-
-class FashionMNISTDataModule(MNISTFamilyDataModule):
-    """Xiao et al. (2017) Zalando article images."""
-
-    torchvision_class = torchvision.datasets.FashionMNIST

@@ -55,7 +55,8 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         self.refresh()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # modulo 2^63: an unseeded run (seed: null) has a 64-bit torch.initial_seed()
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.n, generator=generator).tolist()
         if self.num_replicas > 1:
             total = math.ceil(self.n / self.num_replicas) * self.num_replicas

@@ -2,17 +2,18 @@
 
 - nll_is: -L_k, the importance-sampled estimate of -log p(x) with the posterior as proposal
   (Burda et al. 2015; k=5000 is the standard test-set protocol), nats per example.
-- bpd: nll_is in bits per dimension, with the DataModule's pixel model (binary, or dequantised
-  8-bit data with the ln 256 bin width).
-- kl_per_dim: KL(q(z_d|x) || p(z_d)) averaged over the split, per latent dimension.
-- active_units: dimensions d with Cov_x(E_q[z_d]) > 0.01 (Burda et al. 2015).
+- bpd: nll_is in bits per dimension, as the likelihood defines it for the data's pixel model
+  (binary pixels; dequantised 8-bit data with the ln 256 bin width).
+- kl_per_dim: KL(q(z_d|x) || p(z_d)) averaged over the split, per latent dimension, where the
+  posterior and prior factorise over the dimensions (not for a mixture prior).
+- active_units: dimensions d with Cov_x(E_q[z_d]) > 0.01 (Burda et al. 2015), on the model's
+  representation (the posterior mean).
 - mse: mean squared error of the reconstruction (mean of p(x|z) at z = E_q[z]) on [0, 1] pixels,
   against the clean image (noisy -> clean for a denoising model).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,13 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import Distribution
 from torch.utils.data import DataLoader
 
-from vaelab.data import MNISTFamilyDataModule
+from vaelab.data import ImageDataModule
 from vaelab.errors import require
-from vaelab.objectives import LogWeightsFn, iwae_bound, log_weights
-from vaelab.vae import VAE
+from vaelab.models import LatentVariableModel
+from vaelab.objectives import LogWeightsFn, iwae_bound
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -48,26 +49,27 @@ def compile_options() -> dict[str, bool]:
 
 
 class CompiledLogWeights:
-    """`log_weights` of one VAE through `torch.compile`: the decoder's matrix products stay
-    library calls, and everything between and after them (activations, the likelihood's
-    per-pixel log-probs and their sum, prior and posterior log-densities) becomes a few fused
-    loops (the Bernoulli likelihood's grouped sum, `vaelab.likelihoods.bernoulli_log_prob_sum`,
-    fuses into one), with the exp-based tanh of `compile_options` (benchmarks/nll_is.py has the
-    figures against the eager path and a plain loop). Shapes are static (one compilation per
-    chunk shape, usually one). If compiling fails (no C++ compiler on a CPU machine, an
-    unsupported module), one warning says so and every call from then on runs eagerly; the
-    numbers are the same up to float rounding.
+    """A model's `log_weights` with log p(x|z) (`model.log_likelihood`: the decoder and the
+    likelihood's log-density, the bulk of the work) through `torch.compile`: the decoder's matrix
+    products stay library calls, and everything between and after them (activations, the
+    likelihood's per-pixel log-probs and their sum) becomes a few fused loops (the Bernoulli
+    likelihood's grouped sum, `vaelab.likelihoods.bernoulli_log_prob_sum`, fuses into one), with
+    the exp-based tanh of `compile_options` (benchmarks/nll_is.py has the figures). The prior's
+    and the posterior's log-densities of the codes are added eagerly, so any prior works. Shapes
+    are static (one compilation per chunk shape, usually one). If compiling fails (no C++
+    compiler on a CPU machine, an unsupported module), one warning says so and every call from
+    then on runs eagerly; the numbers are the same up to float rounding.
     """
 
-    def __init__(self, vae: VAE) -> None:
-        self.eager: LogWeightsFn = functools.partial(log_weights, vae)
-        self.fn: LogWeightsFn = torch.compile(self.eager, dynamic=False, options=compile_options())
+    def __init__(self, model: LatentVariableModel) -> None:
+        self.eager = model.log_likelihood
+        self.fn = torch.compile(self.eager, dynamic=False, options=compile_options())
 
-    def __call__(self, x: Tensor, z: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         if self.fn is self.eager:
-            return self.eager(x, z, loc, scale)
+            return self.eager(x, z)
         try:  # compilation happens on a call: the first, and any with a new chunk shape
-            return self.fn(x, z, loc, scale)
+            return self.fn(x, z)
         except Exception as e:  # any failure of the compiler stack: fall back, do not stop
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning(
@@ -76,7 +78,10 @@ class CompiledLogWeights:
                 first_line[:200],
             )
             self.fn = self.eager
-            return self.eager(x, z, loc, scale)
+            return self.eager(x, z)
+
+    def __call__(self, x: Tensor, z: Tensor, q: Distribution, p: Distribution) -> Tensor:
+        return self.log_likelihood(x, z) + p.log_prob(z) - q.log_prob(z)
 
 
 def check_compile_choice(compile: object) -> None:
@@ -87,14 +92,14 @@ def check_compile_choice(compile: object) -> None:
 
 
 def weights_function(
-    vae: VAE, compile: bool | str, total_codes: int, device: torch.device
+    model: LatentVariableModel, compile: bool | str, total_codes: int, device: torch.device
 ) -> LogWeightsFn | None:
     """The log-weight function for `iwae_bound`: compiled (`compile=True`, or `auto` on a CPU
     when `total_codes` is large enough to repay the compilation), else None (eager)."""
     check_compile_choice(compile)
     worth_it = device.type == "cpu" and total_codes >= COMPILE_AUTO_MIN_CODES
     if compile is True or (compile == "auto" and worth_it):
-        return CompiledLogWeights(vae)
+        return CompiledLogWeights(model)
     return None
 
 
@@ -104,8 +109,8 @@ class SplitResults:
 
     log_likelihood: list[Tensor] = field(default_factory=list)  # L_k, (B,) each
     elbo_is: list[Tensor] = field(default_factory=list)  # mean log-weight, (B,) each
-    kl_per_dim: list[Tensor] = field(default_factory=list)  # (B, latent_dim) each
-    posterior_mean: list[Tensor] = field(default_factory=list)  # (B, latent_dim) each
+    kl_per_dim: list[Tensor] = field(default_factory=list)  # (B, D) each, where defined
+    posterior_mean: list[Tensor] = field(default_factory=list)  # (B, D) each
     labels: list[Tensor] = field(default_factory=list)
     squared_error: list[Tensor] = field(default_factory=list)  # (B,) mean over pixels
     examples: list[Tensor] = field(default_factory=list)  # the first `keep` clean images
@@ -117,9 +122,9 @@ class SplitResults:
 
 @torch.no_grad()
 def evaluate_split(
-    vae: VAE,
+    model: LatentVariableModel,
     loader: DataLoader,
-    datamodule: MNISTFamilyDataModule,
+    datamodule: ImageDataModule,
     k: int,
     max_codes: int,
     device: torch.device,
@@ -134,7 +139,8 @@ def evaluate_split(
     likelihood and no KL, which are undefined for it. `compile`: see `weights_function`."""
     results = SplitResults()
     examples = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
-    weights_fn = weights_function(vae, compile, k * examples, device) if probabilistic else None
+    weights_fn = weights_function(model, compile, k * examples, device) if probabilistic else None
+    prior = model.prior() if probabilistic else None
     seen = 0
     for batch in loader:
         if limit is not None and seen >= limit:
@@ -147,15 +153,18 @@ def evaluate_split(
         if kept < keep:
             results.examples.append(x[: keep - kept].cpu())
             results.example_inputs.append(inputs[: keep - kept].cpu())
-        q = vae.posterior(inputs)
+        q = model.posterior(inputs)
         if probabilistic:
-            bound = iwae_bound(vae, x, k, max_codes=max_codes, inputs=inputs, weights_fn=weights_fn)
-            kl = kl_divergence(q.base_dist, vae.prior().base_dist)  # (B, latent_dim)
+            bound = iwae_bound(
+                model, x, k, max_codes=max_codes, inputs=inputs, weights_fn=weights_fn
+            )
             results.log_likelihood.append(bound["log_likelihood"].cpu())
             results.elbo_is.append(bound["elbo"].cpu())
-            results.kl_per_dim.append(kl.cpu())
-        reconstruction = vae.decode(q.mean).mean
-        results.posterior_mean.append(q.mean.cpu())
+            kl = model.rate_per_dim(q, prior)  # (B, D), or None for a mixture prior
+            if kl is not None:
+                results.kl_per_dim.append(kl.cpu())
+        reconstruction = model.decode(q.mean).mean
+        results.posterior_mean.append(model.representation(q).cpu())
         results.labels.append(labels.cpu())
         results.squared_error.append((reconstruction - x).pow(2).flatten(1).mean(1).cpu())
     return results
@@ -182,6 +191,9 @@ def summarise(
     metrics[f"{split}/elbo_is"] = results.cat("elbo_is").double().mean().item()
     if bpd_offset is not None:
         metrics[f"{split}/bpd"] = (metrics[f"{split}/nll_is"] / num_dims + bpd_offset) / math.log(2)
+    if not results.kl_per_dim:  # no per-dimension KL (a mixture prior): order by activity
+        per_dim["kl_dim_order"] = torch.argsort(mean_variance, descending=True).tolist()
+        return metrics, per_dim
     kl_per_dim = results.cat("kl_per_dim").double().mean(0)
     order = torch.argsort(kl_per_dim, descending=True)
     per_dim["kl_per_dim_sorted"] = kl_per_dim[order].tolist()

@@ -1,11 +1,14 @@
-"""Pictures of a trained VAE, saved as PNG files and logged to TensorBoard.
+"""Pictures of a trained model, saved as PNG files and logged to TensorBoard.
 
-- reconstructions (inputs above reconstructions) and samples from the prior;
-- latent_dim == 2: the learned manifold, decoded over a grid of the prior's quantiles (Kingma &
-  Welling 2013, Fig. 4), and a scatter of posterior means coloured by label;
-- latent_dim > 2: traversals of the highest-KL dimensions over [-3, 3] from a few test images, a
-  PCA projection of posterior means coloured by label, and the posterior means in TensorBoard's
-  embedding projector (label metadata, image sprites).
+- reconstructions (inputs above reconstructions) and samples from the model's prior;
+- one flat latent of 2 dimensions: the learned manifold, decoded over a grid of the prior's
+  marginal quantiles (Kingma & Welling 2013, Fig. 4: exact Gaussian quantiles for a Gaussian
+  prior, empirical quantiles of prior draws for any other, e.g. a mixture), and a scatter of
+  posterior means coloured by label;
+- more dimensions: traversals of the highest-KL (or most active) dimensions over the prior's
+  central 99.7% (its 0.15% and 99.85% marginal quantiles; [-3, 3] for N(0, I)) from a few test
+  images, a PCA projection of posterior means coloured by label, and the posterior means in
+  TensorBoard's embedding projector (label metadata, image sprites).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
-from torch.distributions import Normal  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from vaelab.callbacks.images import grid, pair_grid  # noqa: E402
-from vaelab.vae import VAE  # noqa: E402
+from vaelab.models import LatentVariableModel  # noqa: E402
+from vaelab.models.base import prior_quantiles  # noqa: E402
 
 MANIFOLD_SIZE = 20
 TRAVERSAL_STEPS = 11
@@ -31,37 +34,52 @@ EMBEDDING_POINTS = 2000
 
 @torch.no_grad()
 def image_grids(
-    vae: VAE, inputs: Tensor, kl_order: list[int], seed: int = 0, targets: Tensor | None = None
+    model: LatentVariableModel,
+    inputs: Tensor,
+    kl_order: list[int],
+    seed: int = 0,
+    targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device
-    (and their clean targets, shown below the reconstructions when the inputs are corrupted)."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(64, vae.latent_dim, generator=generator).to(inputs.device)
+    (and their clean targets, shown below the reconstructions when the inputs are corrupted).
+    The prior's draws come from `seed`, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        prior = model.prior()
+        codes = model.sample_codes(64)
+        quantiles = None
+        if model.latent_dim is not None:
+            probabilities = torch.linspace(0.05, 0.95, MANIFOLD_SIZE)
+            if model.latent_dim > 2:
+                probabilities = torch.tensor([0.00135, 0.99865])
+            quantiles = prior_quantiles(prior, probabilities)  # (P, D)
     grids = {
-        "reconstructions": pair_grid(inputs[:16], vae.reconstruct(inputs[:16]), targets),
-        "samples": grid(vae.decode(z).mean),
+        "reconstructions": pair_grid(inputs[:16], model.reconstruct(inputs[:16]), targets),
+        "samples": grid(model.decode(codes).mean),
     }
-    if vae.latent_dim == 2:
-        quantiles = torch.linspace(0.05, 0.95, MANIFOLD_SIZE)
-        values = Normal(0.0, 1.0).icdf(quantiles)
+    if model.latent_dim == 2:
         # rows: z_2 from high to low, columns: z_1 from low to high (as in a plot)
-        z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")
-        codes = torch.stack([z1, z2], dim=-1).reshape(-1, 2).to(inputs.device)
-        grids["manifold"] = grid(vae.decode(codes).mean, nrow=MANIFOLD_SIZE)
-    else:
-        grids["traversals"] = traversals(vae, inputs[:TRAVERSAL_IMAGES], kl_order)
+        z2, z1 = torch.meshgrid(quantiles[:, 1].flip(0), quantiles[:, 0], indexing="ij")
+        grid_codes = torch.stack([z1, z2], dim=-1).reshape(-1, 2).to(inputs.device)
+        grids["manifold"] = grid(model.decode(grid_codes).mean, nrow=MANIFOLD_SIZE)
+    elif model.latent_dim is not None:
+        grids["traversals"] = traversals(model, inputs[:TRAVERSAL_IMAGES], kl_order, quantiles)
     return grids
 
 
-def traversals(vae: VAE, inputs: Tensor, kl_order: list[int]) -> Tensor:
-    """One row per (image, top-KL dimension): that dimension of E_q[z] swept over [-3, 3]."""
+def traversals(
+    model: LatentVariableModel, inputs: Tensor, kl_order: list[int], limits: Tensor
+) -> Tensor:
+    """One row per (image, top dimension): that dimension of E_q[z] swept from limits[0, d] to
+    limits[1, d] (the prior's marginal quantiles)."""
     dims = kl_order[:TRAVERSAL_DIMS]
-    steps = torch.linspace(-3, 3, TRAVERSAL_STEPS, device=inputs.device)
-    means = vae.posterior(inputs).mean  # (N, latent_dim)
-    codes = means[:, None, None, :].repeat(1, len(dims), TRAVERSAL_STEPS, 1)  # (N, D, S, L)
+    fractions = torch.linspace(0, 1, TRAVERSAL_STEPS, device=inputs.device)
+    limits = limits.to(inputs.device)
+    means = model.posterior(inputs).mean  # (N, D)
+    codes = means[:, None, None, :].repeat(1, len(dims), TRAVERSAL_STEPS, 1)  # (N, K, S, D)
     for row, dim in enumerate(dims):
-        codes[:, row, :, dim] = steps
-    decoded = vae.decode(codes.reshape(-1, vae.latent_dim)).mean
+        codes[:, row, :, dim] = limits[0, dim] + fractions * (limits[1, dim] - limits[0, dim])
+    decoded = model.decode(codes.reshape(-1, means.shape[-1])).mean
     return grid(decoded, nrow=TRAVERSAL_STEPS)
 
 

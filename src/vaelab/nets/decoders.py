@@ -26,7 +26,7 @@ class MLPDecoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
-        hidden_dims = check_sizes("model.hidden_dims", hidden_dims)
+        hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
         self.out_shape = tuple(out_shape)
         self.net = mlp([latent_dim, *reversed(hidden_dims), prod(out_shape)], activation)
 
@@ -47,7 +47,7 @@ class ConvDecoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
-        channels = check_sizes("model.channels", channels)
+        channels = check_sizes(f"{type(self).__name__} channels", channels)
         c_out, h, w = check_conv_shape(out_shape, len(channels))
         scale = 2 ** len(channels)
         self.start = (channels[-1], h // scale, w // scale)

@@ -46,7 +46,7 @@ class MLPEncoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
-        hidden_dims = check_sizes("model.hidden_dims", hidden_dims)
+        hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
         self.net = nn.Sequential(
             nn.Flatten(), mlp([prod(in_shape), *hidden_dims, out_dim], activation)
         )
@@ -70,7 +70,7 @@ class ConvEncoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
-        channels = check_sizes("model.channels", channels)
+        channels = check_sizes(f"{type(self).__name__} channels", channels)
         c, h, w = check_conv_shape(in_shape, len(channels))
         layers: list[nn.Module] = []
         for n_in, n_out in zip([c, *channels[:-1]], channels, strict=True):

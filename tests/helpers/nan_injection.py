@@ -13,4 +13,4 @@ class PoisonWeights(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             with torch.no_grad():
-                next(pl_module.vae.decoder.parameters()).view(-1)[0] = float("nan")
+                next(pl_module.model.decoder.parameters()).view(-1)[0] = float("nan")

@@ -1,0 +1,6 @@
+"""Model families on one protocol (`LatentVariableModel`): each is one class + one YAML."""
+
+from vaelab.models.base import LatentVariableModel, rate, rate_per_dim
+from vaelab.models.vae import VAE
+
+__all__ = ["VAE", "LatentVariableModel", "rate", "rate_per_dim"]

@@ -1,0 +1,119 @@
+"""The model protocol: what objectives, evaluation, callbacks and pictures may use of a model.
+
+A latent-variable model p(x, z) = p(x|z) p(z) with an amortised posterior q(z|x) exposes
+distributions (torch.distributions objects, one event per example) and a few derived terms:
+
+- `posterior(x)`: q(z|x), batch shape (B,);
+- `prior()`: p(z) (it may use the model's own modules: VampPrior's pseudo-inputs go through the
+  encoder);
+- `decode(z)`: p(x|z) for codes of shape (*S, B, ...), batch shape (*S, B), event (C, H, W);
+- `rate(q, p, z)`: KL(q || p) per example, from torch's KL registry where the pair is registered,
+  else the Monte-Carlo estimate log q(z|x) - log p(z) averaged over the same draws z;
+- `log_weights(x, z, q, p)`: log p(x, z) - log q(z|x), the importance weights of IWAE and of the
+  importance-sampled log-likelihood;
+- `sample(n)`, `reconstruct(x)`, `representation(q)` (the code a picture or a diagnostic uses:
+  the posterior mean, (B, D)), and `latent_parts` (name -> event shape, one per stochastic
+  layer).
+
+Nothing outside a model assumes one Gaussian latent or a closed-form KL: a new family subclasses
+`LatentVariableModel` and overrides what differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, kl_divergence
+
+
+def rate(q: Distribution, p: Distribution, z: Tensor) -> Tensor:
+    """KL(q || p) per example: the registered closed form (or torch's own estimate) where torch
+    has the pair, else mean_s [log q(z_s) - log p(z_s)] over the draws z (S, B, ...), which are
+    the ones the rest of the objective uses, so its gradient is the reparameterised one."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return (q.log_prob(z) - p.log_prob(z)).mean(0)
+
+
+def rate_per_dim(q: Distribution, p: Distribution) -> Tensor | None:
+    """KL per latent dimension (B, D) when q and p both factorise over the dimensions of one
+    latent vector with a registered KL between their factors (Gaussian posterior and N(0, I) or
+    any diagonal Gaussian prior); None otherwise (a mixture prior has no per-dimension KL)."""
+    if not (isinstance(q, Independent) and isinstance(p, Independent)):
+        return None
+    if q.reinterpreted_batch_ndims != 1 or p.reinterpreted_batch_ndims != 1:
+        return None
+    try:
+        return kl_divergence(q.base_dist, p.base_dist)
+    except NotImplementedError:
+        return None
+
+
+class LatentVariableModel(nn.Module):
+    """Base class of vaelab's model families; subclasses implement posterior, prior, decode and
+    latent_parts, and may override the derived terms."""
+
+    #: name -> event shape of each stochastic layer's code
+    latent_parts: dict[str, tuple[int, ...]]
+    image_shape: tuple[int, int, int]
+
+    def posterior(self, x: Tensor) -> Distribution:
+        raise NotImplementedError
+
+    def prior(self) -> Distribution:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Distribution:
+        raise NotImplementedError
+
+    def rate(self, q: Distribution, p: Distribution, z: Tensor) -> Tensor:
+        return rate(q, p, z)
+
+    def rate_per_dim(self, q: Distribution, p: Distribution) -> Tensor | None:
+        return rate_per_dim(q, p)
+
+    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x|z) for codes z (*S, B, ...): shape (*S, B)."""
+        return self.decode(z).log_prob(x)
+
+    def log_weights(self, x: Tensor, z: Tensor, q: Distribution, p: Distribution) -> Tensor:
+        """log p(x, z) - log q(z|x) for codes z (*S, B, ...) drawn from q: shape (*S, B)."""
+        return self.log_likelihood(x, z) + p.log_prob(z) - q.log_prob(z)
+
+    def representation(self, q: Distribution) -> Tensor:
+        """The code of each example for pictures and diagnostics: E_q[z], (B, D)."""
+        return q.mean.flatten(1)
+
+    def sample_codes(self, n: int) -> Tensor:
+        """n codes z ~ p(z), (n, ...)."""
+        return self.prior().sample((n,))
+
+    def sample(self, n: int) -> Tensor:
+        """Means of p(x|z) for n codes z ~ p(z): (n, C, H, W)."""
+        return self.decode(self.sample_codes(n)).mean
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean of p(x|z) at the posterior's representation of x: (B, C, H, W)."""
+        return self.decode(self.posterior(x).mean).mean
+
+    @property
+    def latent_dim(self) -> int | None:
+        """D of a model with one flat latent vector (pictures that sweep its dimensions), else
+        None."""
+        if len(self.latent_parts) != 1:
+            return None
+        (shape,) = self.latent_parts.values()
+        return shape[0] if len(shape) == 1 else None
+
+
+@torch.no_grad()
+def prior_quantiles(prior: Distribution, probabilities: Tensor, n: int = 20000) -> Tensor:
+    """Per-dimension quantiles of p(z)'s marginals at `probabilities` (P,): (P, D). Exact for a
+    diagonal Gaussian prior (its icdf); otherwise empirical quantiles of n draws."""
+    base = prior.base_dist if isinstance(prior, Independent) else None
+    if isinstance(base, torch.distributions.Normal):
+        p = probabilities.to(base.loc)[:, None]
+        return base.icdf(p.expand(-1, base.loc.shape[-1]))
+    draws = prior.sample((n,)).flatten(1)
+    return torch.quantile(draws, probabilities.to(draws), dim=0)

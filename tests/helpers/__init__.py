@@ -1,0 +1,1 @@
+"""Test helpers, shared by the test files (imported as `helpers.*`, never from a test file)."""

@@ -1,0 +1,152 @@
+"""Loading never runs code from a run dir or checkpoint: targets are trusted by exact name (the
+project's own, plus what the user names in trusted_targets), not by package prefix. Also the one
+metric contract and one-line optimizer errors, by composition and in-process runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers.runs import CONFIGS, compose_evaluate, compose_train, tiny
+from hydra.utils import instantiate
+
+from vaelab import evaluate
+from vaelab import train as train_module
+from vaelab.build import build_datamodule, build_module
+from vaelab.errors import ConfigError, LightningAPIError, private_api
+from vaelab.trust import PROJECT_TARGETS, check_targets
+
+#: Targets of Hydra's own nodes (sweeper, launcher): never part of a saved run config.
+HYDRA_ONLY = {
+    "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+    "optuna.samplers.TPESampler",
+}
+
+
+def config_targets(node) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["_target_"]} if "_target_" in node else set()
+        return found.union(*(config_targets(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(config_targets(value) for value in node))
+    return set()
+
+
+def test_the_trusted_targets_are_exactly_those_of_the_project_configs():
+    found: set[str] = set()
+    for path in CONFIGS.rglob("*.yaml"):
+        if "hydra" in path.relative_to(CONFIGS).parts[:1]:
+            continue
+        found |= config_targets(yaml.safe_load(path.read_text()) or {})
+    assert found - HYDRA_ONLY == set(PROJECT_TARGETS)
+
+
+@pytest.mark.parametrize(
+    "target", ["torch.hub.load", "torch.load", "os.system", "builtins.exec", "vaelab.nets.mlp"]
+)
+def test_refuses_what_a_package_prefix_would_have_let_through(target):
+    with pytest.raises(ConfigError, match="refusing to instantiate"):
+        check_targets({"data": {"source": {"_target_": target}}}, "a checkpoint")
+
+
+def test_user_packages_are_trusted_only_when_named():
+    config = {"prior": {"_target_": "myext.priors.Laplace"}}
+    with pytest.raises(ConfigError, match="myext.priors.Laplace"):
+        check_targets(config, "a checkpoint")
+    check_targets(config, "a checkpoint", ["myext"])
+    check_targets(config, "a checkpoint", ["myext.priors.Laplace"])
+    with pytest.raises(ConfigError):
+        check_targets(config, "a checkpoint", ["myex"])  # a prefix of the name is not a package
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_train(
+        [*tiny(data_dir), "trainer.max_epochs=1", f"paths.log_dir={run_dir}"], output_dir=run_dir
+    )
+    train_module.run(cfg)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_malicious_checkpoint_runs_no_code(tiny_run, data_dir, tmp_path):
+    """A checkpoint whose saved config points `data.source` at torch.hub.load with a local
+    hubconf.py: the old `torch.` prefix allowed it, and loading it would import (run) that
+    file. Evaluation must refuse it before anything is instantiated."""
+    marker = tmp_path / "ran"
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\ndef x(): pass\n")
+    checkpoint = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["data"]["source"] = {
+        "_target_": "torch.hub.load",
+        "repo_or_dir": str(hub),
+        "model": "x",
+        "source": "local",
+    }
+    path = tmp_path / "malicious.ckpt"
+    torch.save(checkpoint, path)
+    cfg = compose_evaluate(
+        [f"run={path}", f"paths.data_dir={data_dir}", "eval.k=2"], output_dir=tmp_path / "out"
+    )
+    with pytest.raises(ConfigError, match="refusing to instantiate _target_='torch.hub.load'"):
+        evaluate.run(cfg)
+    assert not marker.exists()
+
+
+# --- one metric contract ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "objective,metric,mode",
+    [("elbo", "val/elbo", "max"), ("iwae", "val/iwae", "max"), ("ae", "val/loss", "min")],
+)
+def test_the_objective_sets_the_one_monitored_metric(objective, metric, mode):
+    cfg = compose_train([f"objective={objective}", "scheduler=plateau"])
+    checkpoint = cfg.callbacks.model_checkpoint
+    assert (cfg.monitor.metric, cfg.monitor.mode) == (metric, mode)
+    assert (checkpoint.monitor, checkpoint.mode) == (metric, mode)
+    assert cfg.optimized_metric == metric and cfg.scheduler.mode == mode
+    assert cfg.callbacks.hparams.metrics[0] == metric
+    datamodule = instantiate(cfg.data, data_dir="unused")
+    assert build_module(cfg, datamodule).monitor == metric
+
+
+@pytest.mark.slow
+def test_autoencoder_with_plateau_scheduler_trains(data_dir, tmp_path):
+    """The plateau scheduler watched val/elbo, which an autoencoder does not log."""
+    cfg = compose_train(
+        [*tiny(data_dir), "objective=ae", "scheduler=plateau", f"paths.log_dir={tmp_path}"],
+        output_dir=tmp_path,
+    )
+    metrics = train_module.run(cfg)
+    assert math.isfinite(metrics["val/loss"])
+
+
+# --- one-line errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("optimizer.lr=-1", "Invalid learning rate: -1"),
+        ("+optimizer.eps=-1", "Invalid epsilon value: -1"),
+    ],
+)
+def test_bad_optimizer_arguments_are_one_line(override, fragment, data_dir):
+    cfg = compose_train([*tiny(data_dir), override])
+    with pytest.raises(ConfigError, match=fragment) as info:
+        build_module(cfg, build_datamodule(cfg))
+    assert "\n" not in str(info.value) and str(info.value).startswith("optimizer")
+
+
+def test_a_vanished_private_api_is_a_clear_error():
+    class Trainer:
+        pass
+
+    with pytest.raises(LightningAPIError, match="Trainer._signal_connector is gone"):
+        private_api(Trainer(), "_signal_connector")
