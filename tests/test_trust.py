@@ -9,39 +9,31 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers.runs import CONFIGS, compose_evaluate, compose_train, tiny
+from helpers.runs import compose_evaluate, compose_train, tiny
 from hydra.utils import instantiate
 
 from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.build import build_datamodule, build_module
 from vaelab.errors import ConfigError, LightningAPIError, private_api
-from vaelab.trust import PROJECT_TARGETS, check_targets
-
-#: Targets of Hydra's own nodes (sweeper, launcher): never part of a saved run config.
-HYDRA_ONLY = {
-    "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
-    "optuna.samplers.TPESampler",
-}
+from vaelab.trust import check_targets, project_targets
 
 
-def config_targets(node) -> set[str]:
-    if isinstance(node, dict):
-        found = {node["_target_"]} if "_target_" in node else set()
-        return found.union(*(config_targets(value) for value in node.values()))
-    if isinstance(node, list):
-        return set().union(*(config_targets(value) for value in node))
-    return set()
+def test_the_trusted_targets_are_the_classes_of_the_project_configs():
+    targets = project_targets()
+    assert {"vaelab.models.VAE", "vaelab.priors.VampPrior", "vaelab.data.MNIST"} <= targets
+    assert {"torch.nn.Tanh", "lightning.pytorch.Trainer", "vaelab.callbacks.ImageLogger"} <= targets
+    assert all(t.startswith(("vaelab.", "torch.", "lightning.")) for t in targets), targets
+    # Hydra's own nodes (sweepers, launchers) are never part of a saved run config
+    assert not any("optuna" in t or "hydra" in t for t in targets), targets
 
 
-def test_the_trusted_targets_are_exactly_those_of_the_project_configs():
-    found: set[str] = set()
-    for path in CONFIGS.rglob("*.yaml"):
-        if "hydra" in path.relative_to(CONFIGS).parts[:1]:
-            continue
-        found |= config_targets(yaml.safe_load(path.read_text()) or {})
-    assert found - HYDRA_ONLY == set(PROJECT_TARGETS)
+def test_a_new_yaml_is_trusted_with_no_other_edit(tmp_path):
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / "laplace.yaml").write_text("_target_: vaelab.priors.Laplace\n")
+    (tmp_path / "hydra").mkdir()
+    (tmp_path / "hydra" / "x.yaml").write_text("_target_: hydra_plugins.Launcher\n")
+    assert project_targets(tmp_path) == {"vaelab.priors.Laplace"}
 
 
 @pytest.mark.parametrize(

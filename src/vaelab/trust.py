@@ -2,61 +2,57 @@
 
 A saved config is untrusted input: `_target_` can name any callable, and torch's namespace alone
 holds functions that load and run code (`torch.load`, `torch.hub.load`, ...). So trust goes by
-exact name: the classes the project's own configs produce (`PROJECT_TARGETS`, kept equal to the
-targets in configs/ by a test), a few harmless classes a user may pick on the command line
-(`SAFE_TORCH_CLASSES`), and what the user names in `trusted_targets` for their own extension
-package (a package prefix, `mypackage`, or an exact class, `mypackage.priors.MyPrior`). That list
-comes from the command line of the evaluation or resume, never from the file being read.
+exact name: the classes the project's own configs produce (`project_targets()`, read from
+configs/, so a class added with its YAML is trusted with no other edit), a few harmless classes
+a user may pick on the command line (`SAFE_TORCH_CLASSES`), and what the user names in
+`trusted_targets` for their own extension package (a package prefix, `mypackage`, or an exact
+class, `mypackage.priors.MyPrior`). That list comes from the command line of the evaluation or
+resume, never from the file being read.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from vaelab.errors import ConfigError
 
-PROJECT_TARGETS = frozenset(
-    {
-        "lightning.pytorch.Trainer",
-        "lightning.pytorch.callbacks.LearningRateMonitor",
-        "lightning.pytorch.callbacks.ModelCheckpoint",
-        "lightning.pytorch.callbacks.TQDMProgressBar",
-        "lightning.pytorch.loggers.CSVLogger",
-        "lightning.pytorch.loggers.TensorBoardLogger",
-        "torch.optim.Adam",
-        "torch.optim.AdamW",
-        "torch.optim.lr_scheduler.CosineAnnealingLR",
-        "torch.optim.lr_scheduler.LambdaLR",
-        "torch.optim.lr_scheduler.ReduceLROnPlateau",
-        "torch.nn.ReLU",
-        "torch.nn.Tanh",
-        "vaelab.callbacks.HParamsLogger",
-        "vaelab.callbacks.ImageLogger",
-        "vaelab.callbacks.LastCheckpoint",
-        "vaelab.checkpoints.SafeCheckpointIO",
-        "vaelab.data.FashionMNIST",
-        "vaelab.data.ImageDataModule",
-        "vaelab.data.MNIST",
-        "vaelab.likelihoods.Bernoulli",
-        "vaelab.likelihoods.ContinuousBernoulli",
-        "vaelab.likelihoods.Gaussian",
-        "vaelab.likelihoods.GaussianFixed",
-        "vaelab.models.VAE",
-        "vaelab.nets.ConvDecoder",
-        "vaelab.nets.ConvEncoder",
-        "vaelab.nets.MLPDecoder",
-        "vaelab.nets.MLPEncoder",
-        "vaelab.objectives.Autoencoder",
-        "vaelab.objectives.ELBO",
-        "vaelab.objectives.IWAE",
-        "vaelab.priors.MixtureOfGaussians",
-        "vaelab.priors.StandardNormal",
-        "vaelab.priors.VampPrior",
-        "vaelab.schedules.StageDecay",
-        "vaelab.schedules.TimeCosine",
-    }
-)
+#: The project's config groups, next to train.py and evaluate.py (their `config_path`).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _targets(node: Any, under_hydra: bool = False) -> set[str]:
+    """The `_target_`s in a parsed YAML file, except those of Hydra's own nodes (`hydra:`: the
+    sweeper, launcher and callbacks Hydra builds, never part of a run's saved config)."""
+    if isinstance(node, Mapping):
+        found = {node["_target_"]} if "_target_" in node and not under_hydra else set()
+        for key, value in node.items():
+            found |= _targets(value, under_hydra or key == "hydra")
+        return found
+    if isinstance(node, list):
+        return set().union(*(_targets(value, under_hydra) for value in node))
+    return set()
+
+
+@functools.cache
+def project_targets(config_dir: Path = CONFIG_DIR) -> frozenset[str]:
+    """Every `_target_` vaelab's own configs name (configs/hydra/ aside): a class added with its
+    YAML is trusted with no other edit."""
+    if not config_dir.is_dir():
+        raise ConfigError(
+            f"vaelab's configs are not at {config_dir}; reinstall with pip install -e"
+        )
+    found: set[str] = set()
+    for path in sorted(config_dir.rglob("*.yaml")):
+        if path.relative_to(config_dir).parts[0] != "hydra":
+            found |= _targets(yaml.safe_load(path.read_text()))
+    return frozenset(found)
+
+
 #: Classes without side effects that a user may swap in from the command line.
 SAFE_TORCH_CLASSES = frozenset(
     f"torch.nn.{name}"
@@ -72,13 +68,12 @@ SAFE_TORCH_CLASSES = frozenset(
         "Softplus",
     )
 ) | frozenset(f"torch.optim.{name}" for name in ("SGD", "RMSprop", "NAdam", "RAdam", "Adamax"))
-TRUSTED_TARGETS = PROJECT_TARGETS | SAFE_TORCH_CLASSES
 
 
 def is_trusted(target: object, extra: Iterable[str] = ()) -> bool:
     if not isinstance(target, str):
         return False
-    if target in TRUSTED_TARGETS:
+    if target in SAFE_TORCH_CLASSES or target in project_targets():
         return True
     return any(target == name or target.startswith(f"{name}.") for name in extra if name)
 
