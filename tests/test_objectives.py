@@ -10,7 +10,7 @@ import torch
 from helpers.models import binary_batch, constant_vae, small_vae
 from helpers.runs import compose_train, tiny
 
-from vaelab.build import build_datamodule, build_module
+from vaelab.build import build_datamodule, build_module, build_objective
 from vaelab.errors import ConfigError
 from vaelab.objectives import ELBO, IWAE, Autoencoder, KLSchedule
 
@@ -164,3 +164,10 @@ def test_denoising_feeds_noisy_inputs_and_clean_targets(noise, data_dir, tmp_pat
     module.objective = spy
     module.step((inputs, targets, None), "val")
     assert seen["x"] is inputs and seen["target"] is targets
+
+
+def test_objective_configs_keep_their_interpolations():
+    """build_objective drops the objective's monitor/report keys without cutting the config from
+    its root (found in review: `${trainer.max_steps}` failed to resolve)."""
+    cfg = compose_train(["objective.kl_warmup_steps=${trainer.max_epochs}"])
+    assert build_objective(cfg).schedule.warmup_steps == cfg.trainer.max_epochs

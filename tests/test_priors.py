@@ -197,3 +197,18 @@ def test_each_prior_trains_and_evaluates_end_to_end(prior, latent_dim, data_dir,
     pictures = {p.name for p in (tmp_path / "evaluation").glob("*.png")}
     shaped = "manifold.png" if latent_dim == 2 else "traversals.png"
     assert {"samples.png", "reconstructions.png", shaped} <= pictures
+
+
+def test_mixture_samples_follow_the_mixture():
+    """DiagonalGaussianMixture.sample (one component per draw): the mean and variance of the
+    draws against the mixture's closed-form moments."""
+    torch.manual_seed(0)
+    prior = MixtureOfGaussians(2, n_components=3, init_spread=3.0)
+    with torch.no_grad():
+        prior.logits.copy_(torch.tensor([0.0, 1.0, -1.0]))
+        prior.log_scale.fill_(-1.0)
+    p = prior()
+    draws = p.sample((200_000,))
+    assert draws.shape == (200_000, 2)
+    torch.testing.assert_close(draws.mean(0), p.mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.var(0), p.variance, atol=0.1, rtol=0.02)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,8 +25,9 @@ from helpers.runs import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vaelab.callbacks import FiniteGuard
 from vaelab.checkpoints import SafeCheckpointIO
-from vaelab.errors import CheckpointError
+from vaelab.errors import CheckpointError, NonFiniteError
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -228,3 +230,16 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
         io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     assert torch.equal(load(path)["state_dict"]["w"], torch.ones(2))  # not half-written
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp left
+
+
+def test_the_nan_guard_stops_before_the_backward_pass():
+    """FiniteGuard checks the step's terms in on_before_backward: a NaN loss never reaches the
+    weights or the optimizer state (found in review: the check had moved after the step)."""
+    guard = FiniteGuard()
+    module = SimpleNamespace(last_terms={"loss": torch.tensor(float("nan")), "rate": torch.ones(3)})
+    trainer = SimpleNamespace(global_step=7, current_epoch=0, checkpoint_callback=None)
+    guard.on_train_batch_start(trainer, module, (torch.zeros(2, 1, 2, 2),), 0)
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
+        guard.on_before_backward(trainer, module, module.last_terms["loss"])
+    module.last_terms = {"loss": torch.tensor(1.0)}
+    guard.on_before_backward(trainer, module, module.last_terms["loss"])  # finite: no error

@@ -44,6 +44,18 @@ def test_refuses_what_a_package_prefix_would_have_let_through(target):
         check_targets({"data": {"source": {"_target_": target}}}, "a checkpoint")
 
 
+@pytest.mark.parametrize("resolver", ["oc.create", "oc.decode", "oc.deprecated"])
+def test_refuses_interpolations_that_build_nodes_it_never_saw(resolver):
+    """`${oc.create:'{_target_: builtins.print}'}` holds no `_target_` key, but resolving it
+    makes one (found in review: the hole predates the exact-name list)."""
+    payload = f"${{{resolver}:'{{_target_: builtins.print, _args_: [pwned]}}'}}"
+    with pytest.raises(ConfigError, match=f"resolver {resolver} is not one of"):
+        check_targets({"prior": {"scale": payload}}, "a checkpoint")
+    check_targets(
+        {"paths": {"data_dir": "${oc.env:VAELAB_DATA_DIR,data}", "x": "${paths.y}"}}, "ok"
+    )
+
+
 def test_user_packages_are_trusted_only_when_named():
     config = {"prior": {"_target_": "myext.priors.Laplace"}}
     with pytest.raises(ConfigError, match="myext.priors.Laplace"):

@@ -38,9 +38,9 @@ def build_model(cfg: DictConfig, image_shape: Iterable[int]) -> LatentVariableMo
 
 
 def build_objective(cfg: DictConfig) -> Any:
-    objective = OmegaConf.masked_copy(
-        cfg.objective, [key for key in cfg.objective if key not in OBJECTIVE_META]
-    )
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)  # interpolations in context
+    for key in OBJECTIVE_META:
+        objective.pop(key, None)
     return instantiate(objective)
 
 

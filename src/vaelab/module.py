@@ -55,6 +55,7 @@ class VAEModule(L.LightningModule):
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         self.bpd_offset = bpd_offset
+        self.last_terms: dict[str, Tensor] = {}
         self.num_dims = math.prod(model.image_shape)
         if run_config is not None:
             self.save_hyperparameters(run_config)
@@ -89,10 +90,11 @@ class VAEModule(L.LightningModule):
             batch_size=batch_size,
         )
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict:
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         parts = self.step(batch, "train")
-        terms = {name: parts[name].detach() for name in CHECKED_TERMS if name in parts}
-        return {"loss": parts["loss"], "terms": terms, "step": self.global_step}
+        # for the NaN guard (vaelab.callbacks.FiniteGuard), which checks them before backward
+        self.last_terms = {name: parts[name].detach() for name in CHECKED_TERMS if name in parts}
+        return parts["loss"]
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self.step(batch, "val")

@@ -64,6 +64,16 @@ class DiagonalGaussianMixture(MixtureSameFamily):
         log_p = torch.logsumexp(log_weights - log_norm - 0.5 * quadratic, dim=-1)  # (N,)
         return log_p.to(value.dtype).reshape(value.shape[:-1])
 
+    @torch.no_grad()
+    def sample(self, sample_shape=()) -> Tensor:
+        """One component per draw, then its Gaussian: (*sample_shape, D), without torch's draw
+        from every component ((*sample_shape, K, D), 1.3 GB for 20,000 draws of K=500)."""
+        shape = torch.Size(sample_shape)
+        index = self.mixture_distribution.sample(shape)  # (*S,)
+        base = self.component_distribution.base_dist
+        loc, scale = base.loc[index], base.scale[index]  # (*S, D)
+        return loc + scale * torch.randn_like(loc)
+
 
 class StandardNormal(nn.Module):
     """p(z) = N(0, I) over `latent_dim` dimensions (Kingma & Welling 2013)."""

@@ -37,6 +37,11 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if not saved_file.is_file():
         raise CheckpointError(f"resume={cfg.resume}: no .hydra/config.yaml in that run dir")
     saved = OmegaConf.load(saved_file)
+    if "_target_" not in saved.get("model", {}):
+        raise CheckpointError(
+            f"resume={cfg.resume} was trained by an older vaelab whose model config names no "
+            "class (model._target_); it cannot be resumed with this version"
+        )
     trusted = list(cfg.get("trusted_targets") or [])
     check_targets(OmegaConf.to_container(saved), str(saved_file), trusted)
 
@@ -45,7 +50,8 @@ def resume_config(cfg: DictConfig) -> DictConfig:
     if refused:
         raise ConfigError(
             f"resume keeps the run's saved config; cannot change {', '.join(refused)} "
-            "(allowed with resume: trainer.*, paths.*)"
+            "(allowed with resume: trainer.*, paths.*, check_finite, validate_args, "
+            "trusted_targets)"
         )
     with open_dict(saved):
         saved.paths = cfg.paths  # this machine's data, the same run dir

@@ -7,12 +7,15 @@ configs/, so a class added with its YAML is trusted with no other edit), a few h
 a user may pick on the command line (`SAFE_TORCH_CLASSES`), and what the user names in
 `trusted_targets` for their own extension package (a package prefix, `mypackage`, or an exact
 class, `mypackage.priors.MyPrior`). That list comes from the command line of the evaluation or
-resume, never from the file being read.
+resume, never from the file being read. Interpolations may only reference other nodes or call
+the resolvers in `SAFE_RESOLVERS`: `${oc.create:...}` or `${oc.decode:...}` would build a node
+(and a `_target_`) that this check never saw.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,11 @@ SAFE_TORCH_CLASSES = frozenset(
         "Softplus",
     )
 ) | frozenset(f"torch.optim.{name}" for name in ("SGD", "RMSprop", "NAdam", "RAdam", "Adamax"))
+#: Resolvers a saved config may call: none of them turns a string into a config node.
+SAFE_RESOLVERS = frozenset(
+    {"oc.env", "oc.select", "hydra", "vaelab.run_name", "vaelab.first_set", "vaelab.config_subdir"}
+)
+RESOLVER_CALL = re.compile(r"\$\{\s*([\w.\-]+)\s*:")
 
 
 def is_trusted(target: object, extra: Iterable[str] = ()) -> bool:
@@ -89,5 +97,12 @@ def check_targets(config: Mapping[str, Any] | list, where: str, extra: Iterable[
                 f"{where}: refusing to instantiate _target_={value!r}: not one of vaelab's own "
                 f"targets{allowed}"
             )
+        if isinstance(value, str):
+            unsafe = sorted(set(RESOLVER_CALL.findall(value)) - SAFE_RESOLVERS)
+            if unsafe:
+                raise ConfigError(
+                    f"{where}: refusing the interpolation {value[:80]!r} at {key!r}: resolver "
+                    f"{unsafe[0]} is not one of {', '.join(sorted(SAFE_RESOLVERS))}"
+                )
         if isinstance(value, Mapping | list):
             check_targets(value, where, extra)

@@ -2,7 +2,8 @@
 add them to every Trainer):
 
 - FiniteGuard: stops training with a NonFiniteError naming the step, the term and the batch when
-  the loss, rate or distortion is NaN or infinite (one host sync per step), and refuses to save
+  the loss, rate or distortion is NaN or infinite (one host sync per step, before the backward
+  pass, so neither the weights nor the optimizer state ever take a NaN step), and refuses to save
   a checkpoint with non-finite weights, so a NaN never replaces the last good checkpoint.
 - RandomState: validation and test draw their Monte-Carlo samples from `eval_seed` (then the
   training random state is restored), so the same checkpoint always gets the same numbers and
@@ -29,15 +30,19 @@ class FiniteGuard(L.Callback):
         """`check_steps`: check each training step's terms (`check_finite` in train.yaml);
         non-finite weights are never saved either way."""
         self.check_steps = check_steps
+        self._inputs: Tensor | None = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.check_steps or not isinstance(outputs, dict) or "terms" not in outputs:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._inputs = batch[0]
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        terms: dict[str, Tensor] = getattr(pl_module, "last_terms", None) or {"loss": loss}
+        if not self.check_steps:
             return
-        terms: dict[str, Tensor] = outputs["terms"]
-        values = torch.stack([value.sum() for value in terms.values()])
+        values = torch.stack([value.detach().sum() for value in terms.values()])
         if bool(torch.isfinite(values).all()):  # the one host sync of the check
             return
-        inputs = batch[0]
+        inputs = self._inputs
         bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
         summary = ", ".join(f"{n}={v.float().mean().item():.4g}" for n, v in terms.items())
         stats = (
@@ -47,7 +52,7 @@ class FiniteGuard(L.Callback):
         checkpoint = trainer.checkpoint_callback
         last = getattr(checkpoint, "last_model_path", "") or "none written yet"
         raise NonFiniteError(
-            f"non-finite {' and '.join(bad)} at step {outputs['step']} (epoch "
+            f"non-finite {' and '.join(bad)} at step {trainer.global_step} (epoch "
             f"{trainer.current_epoch}): {summary}; batch {stats}; the last good checkpoint is "
             f"kept: {last}"
         )
