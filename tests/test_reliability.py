@@ -105,7 +105,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
     expected, got = load(reference / "checkpoints" / "last.ckpt"), load(last)
     assert got["global_step"] == expected["global_step"] == 4 * steps_per_epoch
     for name, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), f"{name} differs after resume"
+        assert torch.equal(got["state_dict"][name], tensor), (
+            f"{name} differs after resuming from step {killed_at['global_step']} "
+            f"(epoch {killed_at['epoch']})"
+        )
     # Same run dir, same TensorBoard run: the curves match, with no duplicated step. The one
     # point a kill -9 may cost is the training metrics of the batch whose end wrote last.ckpt
     # (global step S, metrics at step S - 1): Lightning logs and flushes them a moment after
