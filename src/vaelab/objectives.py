@@ -179,10 +179,11 @@ class IWAE:
         prior = model.prior()
         z = q.rsample((self.k,))  # (k, B, ...)
         log_px = model.log_likelihood(target, z)  # (k, B)
-        log_w = log_px + prior.log_prob(z) - q.log_prob(z)
+        log_ratio = q.log_prob(z) - prior.log_prob(z)  # (k, B)
+        log_w = log_px - log_ratio
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)  # (B,)
         distortion = -log_px.mean(0)
-        rate = model.rate(q, prior, z)
+        rate = model.rate(q, prior, z, log_ratio)
         return dict(
             loss=-bound.mean(),
             elbo=-(distortion + rate),
@@ -245,6 +246,7 @@ def iwae_bound(
     max_codes: int = 5000,
     inputs: Tensor | None = None,
     weights_fn: LogWeightsFn | None = None,
+    prior: Distribution | None = None,
 ) -> dict[str, Tensor]:
     """Importance-weighted bound L_k (Burda et al. 2015) per example, and the ELBO from the same
     weights.
@@ -257,13 +259,14 @@ def iwae_bound(
     The proposal is q(z|inputs) (default x): any proposal gives an unbiased estimate of p(x), so
     a denoising model's q(z|noisy x) estimates the likelihood of the clean x. `weights_fn`
     replaces `model.log_weights`, e.g. by a compiled version of it; the codes are drawn outside
-    it, so both see the same random numbers. The prior is built once for all chunks.
+    it, so both see the same random numbers. `prior` is p(z) if the caller built it already (a
+    VampPrior encodes its pseudo-inputs to build it); else it is built once for all chunks.
     """
     require(isinstance(k, int) and k >= 1, f"eval.k must be an integer >= 1, got {k!r}")
     if weights_fn is None:
         weights_fn = model.log_weights
     q = model.posterior(x if inputs is None else inputs)
-    p = model.prior()
+    p = model.prior() if prior is None else prior
     chunk = max(1, min(k, max_codes // len(x)))
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)

@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.errors import find_user_error
 
@@ -124,16 +123,6 @@ def train_error(overrides: list[str], tmp_path: Path) -> str:
     cfg = compose_train([*overrides, f"paths.log_dir={tmp_path}"], output_dir=tmp_path / "run")
     with pytest.raises(Exception) as info:
         train_module.run(cfg)
-    error = find_user_error(info.value)
-    assert error is not None, f"not a user error: {info.value!r}"
-    assert "\n" not in str(error), str(error)
-    return str(error)
-
-
-def evaluate_error(overrides: list[str], tmp_path: Path) -> str:
-    cfg = compose_evaluate([*overrides, f"paths.log_dir={tmp_path}"], output_dir=tmp_path / "ev")
-    with pytest.raises(Exception) as info:
-        evaluate.run(cfg)
     error = find_user_error(info.value)
     assert error is not None, f"not a user error: {info.value!r}"
     assert "\n" not in str(error), str(error)

@@ -36,9 +36,9 @@ class FiniteGuard(L.Callback):
         self._inputs = batch[0]
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        terms: dict[str, Tensor] = getattr(pl_module, "last_terms", None) or {"loss": loss}
         if not self.check_steps:
             return
+        terms: dict[str, Tensor] = getattr(pl_module, "last_terms", None) or {"loss": loss}
         values = torch.stack([value.detach().sum() for value in terms.values()])
         if bool(torch.isfinite(values).all()):  # the one host sync of the check
             return

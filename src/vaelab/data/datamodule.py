@@ -166,12 +166,12 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and "train" not in self.splits:
             if "val" in self.source.splits:  # the dataset's own validation split
-                self._load("train", "train")
-                self._load("val", "val")
+                self._load("train")
+                self._load("val")
             else:
                 self._carve_validation()
         if stage in ("test", None) and "test" not in self.splits:
-            self._load("test", "test")
+            self._load("test")
         if "train" in self.splits:
             n_train = len(self.splits["train"])
             require(
@@ -189,13 +189,12 @@ class ImageDataModule(L.LightningDataModule):
             )
         return images, labels
 
-    def _load(self, split: str, source_split: str) -> None:
-        images, labels = self._read(source_split)
+    def _load(self, split: str) -> None:
+        """A split the source holds as it is (test; train and val when it has both)."""
+        images, labels = self._read(split)
         self.splits[split] = self._pixels(images, labels, split)
         if not self.in_memory:
-            self.per_sample[split] = self._per_sample(
-                source_split, torch.arange(len(images)), split
-            )
+            self.per_sample[split] = self._per_sample(split, torch.arange(len(images)), split)
 
     def _carve_validation(self) -> None:
         images, labels = self._read("train")

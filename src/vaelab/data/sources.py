@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from vaelab.data.datasets import SPLIT_FILES, load_split, missing_files, raw_folder
+from vaelab.data.datasets import load_split, missing_files, raw_folder
 from vaelab.errors import DataError
 
 
@@ -117,4 +117,4 @@ class FashionMNIST(IDXSource):
     torchvision_class = torchvision.datasets.FashionMNIST
 
 
-__all__ = ["FashionMNIST", "IDXSource", "ImageSource", "MNIST", "SPLIT_FILES"]
+__all__ = ["FashionMNIST", "IDXSource", "ImageSource", "MNIST"]

@@ -156,7 +156,7 @@ def evaluate_split(
         q = model.posterior(inputs)
         if probabilistic:
             bound = iwae_bound(
-                model, x, k, max_codes=max_codes, inputs=inputs, weights_fn=weights_fn
+                model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=prior
             )
             results.log_likelihood.append(bound["log_likelihood"].cpu())
             results.elbo_is.append(bound["elbo"].cpu())

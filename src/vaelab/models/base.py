@@ -7,8 +7,9 @@ distributions (torch.distributions objects, one event per example) and a few der
 - `prior()`: p(z) (it may use the model's own modules: VampPrior's pseudo-inputs go through the
   encoder);
 - `decode(z)`: p(x|z) for codes of shape (*S, B, ...), batch shape (*S, B), event (C, H, W);
-- `rate(q, p, z)`: KL(q || p) per example, from torch's KL registry where the pair is registered,
-  else the Monte-Carlo estimate log q(z|x) - log p(z) averaged over the same draws z;
+- `rate(q, p, z, log_ratio=None)`: KL(q || p) per example, from torch's KL registry where the
+  pair is registered, else the Monte-Carlo estimate log q(z|x) - log p(z) averaged over the same
+  draws z (or over `log_ratio`, when the caller has computed it);
 - `log_weights(x, z, q, p)`: log p(x, z) - log q(z|x), the importance weights of IWAE and of the
   importance-sampled log-likelihood;
 - `sample(n)`, `reconstruct(x)`, `representation(q)` (the code a picture or a diagnostic uses:
@@ -26,14 +27,15 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, kl_divergence
 
 
-def rate(q: Distribution, p: Distribution, z: Tensor) -> Tensor:
+def rate(q: Distribution, p: Distribution, z: Tensor, log_ratio: Tensor | None = None) -> Tensor:
     """KL(q || p) per example: the registered closed form (or torch's own estimate) where torch
     has the pair, else mean_s [log q(z_s) - log p(z_s)] over the draws z (S, B, ...), which are
-    the ones the rest of the objective uses, so its gradient is the reparameterised one."""
+    the ones the rest of the objective uses, so its gradient is the reparameterised one.
+    `log_ratio`: log q(z) - log p(z) (S, B), when the caller has it already (IWAE's weights)."""
     try:
         return kl_divergence(q, p)
     except NotImplementedError:
-        return (q.log_prob(z) - p.log_prob(z)).mean(0)
+        return (q.log_prob(z) - p.log_prob(z) if log_ratio is None else log_ratio).mean(0)
 
 
 def rate_per_dim(q: Distribution, p: Distribution) -> Tensor | None:
@@ -67,8 +69,10 @@ class LatentVariableModel(nn.Module):
     def decode(self, z: Tensor) -> Distribution:
         raise NotImplementedError
 
-    def rate(self, q: Distribution, p: Distribution, z: Tensor) -> Tensor:
-        return rate(q, p, z)
+    def rate(
+        self, q: Distribution, p: Distribution, z: Tensor, log_ratio: Tensor | None = None
+    ) -> Tensor:
+        return rate(q, p, z, log_ratio)
 
     def rate_per_dim(self, q: Distribution, p: Distribution) -> Tensor | None:
         return rate_per_dim(q, p)
