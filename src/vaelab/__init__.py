@@ -4,6 +4,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from vaelab import quiet
+
 __version__ = "0.1.0"
 
 
@@ -32,3 +34,4 @@ OmegaConf.register_new_resolver("vaelab.first_set", _first_set, replace=True)
 OmegaConf.register_new_resolver(
     "vaelab.config_subdir", _config_subdir, use_cache=True, replace=True
 )
+quiet.install()

@@ -150,6 +150,7 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
             name: metrics.get(f"{split}/{name}")
             for name in ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")
         },
+        "metrics": metrics,
         "samples": str(out_dir / "samples.png"),
         "model_info": {
             "latent_dim": train_cfg.model.get("latent_dim"),

@@ -56,6 +56,7 @@ class VAEModule(L.LightningModule):
         self.monitor = monitor
         self.bpd_offset = bpd_offset
         self.last_terms: dict[str, Tensor] = {}
+        self.logged_step: int | None = None  # the last training step whose parts were logged
         self.num_dims = math.prod(model.image_shape)
         if run_config is not None:
             self.save_hyperparameters(run_config)
@@ -67,11 +68,14 @@ class VAEModule(L.LightningModule):
             self.model, inputs, targets, step=self.global_step if training else None
         )
         # Training curves are per step, logged only on the steps the logger writes
-        # (trainer.log_every_n_steps): each self.log call costs ~0.5 ms of Python, more than a
-        # small VAE's step. Validation and test values are means over the whole split (weighted
-        # by batch size, reduced across processes).
+        # (trainer.log_every_n_steps): a self.log call costs more Python than a small VAE's
+        # step. `logged_step` tells the progress bar when there are new values to show.
+        # Validation and test values are means over the whole split (weighted by batch size,
+        # reduced across processes).
         if not training or self.global_step % self.trainer.log_every_n_steps == 0:
             self.log_parts(parts, stage, len(inputs))
+            if training:
+                self.logged_step = self.global_step
         return parts
 
     def log_parts(self, parts: dict[str, Tensor], stage: str, batch_size: int) -> None:

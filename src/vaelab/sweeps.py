@@ -1,15 +1,20 @@
-"""Sweep bookkeeping: a Hydra callback that records which runs of a multirun failed and why.
+"""Sweep bookkeeping: Hydra callbacks that record which runs of a multirun failed and why, and
+print one line per run when the sweep ends.
 
 Hydra's launchers run every job of a sweep even when one fails, then re-raise the first failure
-at the end. This callback writes one JSON line per failed job to `<sweep dir>/failures.jsonl`
+at the end. `RecordFailures` writes one JSON line per failed job to `<sweep dir>/failures.jsonl`
 (job number, overrides, run dir, error), so the finished runs' results and the reason for each
-failure stay on disk; evaluate.py's sweep report reads it.
+failure stay on disk; evaluate.py's sweep report reads it. `SweepSummary` prints, when the sweep
+ends (also when a run failed: Hydra then raises before its end-of-sweep hook, so the summary
+comes at exit), each run's monitored metric from its `summary.json`, the best run marked.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +53,86 @@ def read_failures(sweep_dir: Path) -> dict[str, str]:
         return {}
     entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     return {entry["run_dir"]: entry["error"] for entry in entries}
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    """The run subdirs of a sweep dir (those with .hydra/), in job order."""
+
+    def number(child: Path) -> tuple[int, str]:
+        head = child.name.split("_")[0]
+        return (int(head) if head.isdigit() else 1 << 30, child.name)
+
+    children = (
+        [c for c in sweep_dir.iterdir() if (c / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    )
+    return sorted(children, key=number)
+
+
+def format_sweep_summary(sweep_dir: Path) -> str:
+    """One line per run: its best monitored value (epoch) and last value, or why it has none;
+    the best run marked with *."""
+    from vaelab.summary import better, read_summary  # vaelab.summary imports the callbacks
+
+    failures = read_failures(sweep_dir)
+    rows = []
+    for run_dir in run_dirs(sweep_dir):
+        summary = read_summary(run_dir)
+        rows.append((run_dir.name, summary))
+    finished = [(name, s) for name, s in rows if s and s.get("best")]
+    best_name, best_value = None, math.nan
+    for name, summary in finished:
+        value, mode = (
+            summary["best"]["metrics"][summary["monitor"]["metric"]],
+            summary["monitor"]["mode"],
+        )
+        if not math.isfinite(value):
+            continue
+        if best_name is None or better(value, best_value, mode):
+            best_name, best_value = name, value
+    failed = sum(1 for name, s in rows if name in failures or not s)
+    lines = [f"Sweep finished: {len(rows)} runs, {failed} without a result, in {sweep_dir}"]
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, summary in rows:
+        mark = "*" if name == best_name else " "
+        if name in failures:
+            text = f"failed: {failures[name]}"
+        elif not summary:
+            text = "no summary.json (failed or unfinished)"
+        elif not summary.get("best"):
+            text = "finished without a validation result"
+        else:
+            metric = summary["monitor"]["metric"]
+            best, last = summary["best"], summary["last"]
+            text = (
+                f"{metric} best {best['metrics'][metric]:.4f} (epoch {best['epoch']}), "
+                f"last {last['metrics'][metric]:.4f}, {summary['epochs']} epochs"
+            )
+        lines.append(f" {mark} {name:<{width}}  {text}")
+    if best_name:
+        lines.append("   (* the best run on its monitored metric)")
+    lines += [
+        f"Next: tensorboard --logdir {sweep_dir}",
+        f"      python evaluate.py run={sweep_dir}",
+    ]
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        atexit.register(self.report)  # a failed run makes Hydra raise before on_multirun_end
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.report()
+
+    def report(self) -> None:
+        if self.sweep_dir is None:
+            return
+        sweep_dir, self.sweep_dir = self.sweep_dir, None
+        atexit.unregister(self.report)
+        # printed, not logged: after the jobs, the root logger may still write to the last run's
+        # train.log
+        print(format_sweep_summary(sweep_dir), flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError
 from vaelab.resume import checkpoint_step, resume_config
+from vaelab.summary import format_run_summary, run_summary, write_summary
 
 log = logging.getLogger(__name__)
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -80,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks += reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("Output dir: %s", cfg.paths.output_dir)
+    start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     except RuntimeError as e:
@@ -100,6 +103,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({name: float(value) for name, value in results.items()})
     if cfg.get("final_evaluation") and trainer.is_global_zero:
         metrics.update(final_evaluation(cfg))
+    if trainer.is_global_zero:
+        summary = run_summary(trainer, cfg, metrics, time.perf_counter() - start)
+        write_summary(summary)
+        log.info("\n%s", format_run_summary(summary))
     return metrics
 
 
@@ -122,5 +129,4 @@ def final_evaluation(cfg: DictConfig) -> dict[str, float]:
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(run_dir / "evaluation")
     row = evaluate.evaluate_run(eval_cfg, run_dir, run_dir / "evaluation")
-    split = eval_cfg.eval.split
-    return {f"{split}/{name}": value for name, value in row.items() if isinstance(value, float)}
+    return dict(row["metrics"])

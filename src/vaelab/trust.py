@@ -4,12 +4,12 @@ A saved config is untrusted input: `_target_` can name any callable, and torch's
 holds functions that load and run code (`torch.load`, `torch.hub.load`, ...). So trust goes by
 exact name: the classes the project's own configs produce (`project_targets()`, read from
 configs/, so a class added with its YAML is trusted with no other edit), a few harmless classes
-a user may pick on the command line (`SAFE_TORCH_CLASSES`), and what the user names in
-`trusted_targets` for their own extension package (a package prefix, `mypackage`, or an exact
-class, `mypackage.priors.MyPrior`). That list comes from the command line of the evaluation or
-resume, never from the file being read. Interpolations may only reference other nodes or call
-the resolvers in `SAFE_RESOLVERS`: `${oc.create:...}` or `${oc.decode:...}` would build a node
-(and a `_target_`) that this check never saw.
+a user may pick on the command line (`SAFE_TORCH_CLASSES`, `SAFE_LIGHTNING_CLASSES`), and what
+the user names in `trusted_targets` for their own extension package (a package prefix,
+`mypackage`, or an exact class, `mypackage.priors.MyPrior`). That list comes from the command
+line of the evaluation or resume, never from the file being read. Interpolations may only
+reference other nodes or call the resolvers in `SAFE_RESOLVERS`: `${oc.create:...}` or
+`${oc.decode:...}` would build a node (and a `_target_`) that this check never saw.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ SAFE_TORCH_CLASSES = frozenset(
         "Softplus",
     )
 ) | frozenset(f"torch.optim.{name}" for name in ("SGD", "RMSprop", "NAdam", "RAdam", "Adamax"))
+#: Lightning callbacks a user may swap in (and that runs saved before vaelab had its own bar name).
+SAFE_LIGHTNING_CLASSES = frozenset(
+    f"lightning.pytorch.callbacks.{name}"
+    for name in ("TQDMProgressBar", "RichProgressBar", "ModelSummary", "EarlyStopping")
+)
 #: Resolvers a saved config may call: none of them turns a string into a config node.
 SAFE_RESOLVERS = frozenset(
     {"oc.env", "oc.select", "hydra", "vaelab.run_name", "vaelab.first_set", "vaelab.config_subdir"}
@@ -81,7 +86,7 @@ RESOLVER_CALL = re.compile(r"\$\{\s*([\w.\-]+)\s*:")
 def is_trusted(target: object, extra: Iterable[str] = ()) -> bool:
     if not isinstance(target, str):
         return False
-    if target in SAFE_TORCH_CLASSES or target in project_targets():
+    if target in SAFE_TORCH_CLASSES | SAFE_LIGHTNING_CLASSES or target in project_targets():
         return True
     return any(target == name or target.startswith(f"{name}.") for name in extra if name)
 

@@ -4,12 +4,16 @@ from vaelab.callbacks.checkpointing import LastCheckpoint
 from vaelab.callbacks.hparams import HParamsLogger
 from vaelab.callbacks.images import ImageLogger
 from vaelab.callbacks.reliability import FiniteGuard, RandomState, reliability_callbacks
+from vaelab.callbacks.reporting import MetricsHistory, ModelSummary, ProgressBar
 
 __all__ = [
     "FiniteGuard",
     "HParamsLogger",
     "ImageLogger",
     "LastCheckpoint",
+    "MetricsHistory",
+    "ModelSummary",
+    "ProgressBar",
     "RandomState",
     "reliability_callbacks",
 ]

@@ -79,7 +79,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
         keys += [
             k
             for k in row
-            if k not in keys and k not in (*COLUMNS, "status", "model_info", "samples")
+            if k not in keys and k not in (*COLUMNS, "status", "model_info", "samples", "metrics")
         ]
     keys += [*COLUMNS, "status"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
