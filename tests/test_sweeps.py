@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers.runs import compose_train, run_script, tiny
+from helpers.tensorboard import post, tensorboard_server
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -59,6 +60,55 @@ def test_grid_sweep_lands_in_tensorboard_hparams(data_dir, tmp_path):
             session.hparams["objective/beta"].number_value,
         )
     assert sorted(found.values()) == [(2, 0.5), (2, 1), (8, 0.5), (8, 1)]
+
+    # What the HPARAMS tab shows, through TensorBoard's own server: the swept keys first (the
+    # frontend asks for a limited number of hyperparameters), the metrics, and every run's row.
+    with tensorboard_server(path) as url:
+        experiment = post(
+            url,
+            "/data/plugin/hparams/experiment",
+            {"experimentName": "", "hparamsLimit": 3, "includeMetrics": True},
+        )
+        groups = post(
+            url,
+            "/data/plugin/hparams/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+                "colParams": [
+                    {"hparam": "model/latent_dim"},
+                    {"hparam": "objective/beta"},
+                    {"metric": {"tag": "val/elbo"}},
+                ],
+                "startIndex": 0,
+                "sliceSize": 100,
+                "includeMetrics": True,
+            },
+        )
+    shown = [info["name"] for info in experiment["hparamInfos"]]
+    assert shown[:2] == ["model/latent_dim", "objective/beta"], shown
+    assert [info.get("differs", False) for info in experiment["hparamInfos"]] == [True, True, False]
+    assert "val/elbo" in {info["name"]["tag"] for info in experiment["metricInfos"]}
+    rows = {
+        (group["hparams"]["model/latent_dim"], group["hparams"]["objective/beta"]): [
+            value["value"] for value in group["metricValues"] if value["name"]["tag"] == "val/elbo"
+        ]
+        for group in groups["sessionGroups"]
+    }
+    assert sorted(rows) == [(2, 0.5), (2, 1), (8, 0.5), (8, 1)]
+    assert all(len(values) == 1 and values[0] < 0 for values in rows.values())
+
+    # The sweep's end on the terminal: one line per run with its best val/elbo, the best marked.
+    summary = result.stdout[result.stdout.index("Sweep finished: 4 runs, 0 without a result") :]
+    lines = [line for line in summary.splitlines() if "val/elbo best" in line]
+    assert [line.split()[1 if line.startswith(" *") else 0] for line in lines] == [
+        r.name for r in runs
+    ]
+    best = {r.name: json.loads((r / "summary.json").read_text())["best"] for r in runs}
+    winner = max(best, key=lambda name: best[name]["metrics"]["val/elbo"])
+    (marked,) = [line for line in lines if line.startswith(" *")]
+    assert winner in marked and f"{best[winner]['metrics']['val/elbo']:.4f}" in marked
+    assert f"python evaluate.py run={path}" in summary
 
 
 @pytest.mark.parametrize(
@@ -137,6 +187,8 @@ def test_failing_run_is_reported_and_the_others_finish(data_dir, tmp_path):
     assert failure["job"] == 1 and "model.latent_dim=0" in failure["overrides"]
     assert "latent_dim must be an integer >= 1, got 0" in failure["error"]
     assert failure["run_dir"] == runs[1].name
+    summary = result.stdout[result.stdout.index("Sweep finished: 3 runs, 1 without a result") :]
+    assert f"{runs[1].name}  failed: ConfigError: model.latent_dim must be" in summary
 
     result = run_script(
         "evaluate.py",

@@ -100,26 +100,81 @@ def hparams_plugin_data(accumulator: EventAccumulator):
     return experiment, session
 
 
+#: Library messages a user should not have to read past (vaelab.quiet drops them).
+NOISE = (
+    "💡 Tip",
+    "litlogger",
+    "LeafSpec",
+    "FLOPs",
+    "GPU available: False",
+    "TPU available",
+    "No CUDA runtime is found",
+    "Embedding dir exists",
+)
+
+
+def assert_no_noise(output: str) -> None:
+    for message in NOISE:
+        assert message not in output, f"{message!r} in the output:\n{output[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tmp_path_factory) -> Path:
-    """One tiny training run (latent_dim=4, with the test loop at the end)."""
+    """One tiny training run (latent_dim=4, with the test loop at the end); what it printed is
+    in `output.txt` beside its log dir. Warnings are shown, as a user sees them."""
     root = tmp_path_factory.mktemp("trained")
     args = [*tiny(data_dir), f"paths.log_dir={root / 'logs'}", "test=true"]
-    result = run_script("train.py", args, cwd=root)
+    result = run_script("train.py", args, cwd=root, env={"PYTHONWARNINGS": "default"})
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "output.txt").write_text(result.stdout + result.stderr)
     return only_run_dir(root / "logs")
 
 
-def evaluate(run: Path, data_dir: Path, log_dir: Path, *extra: str):
+def test_the_end_of_a_run_says_what_it_reached(trained_run):
+    """The end-of-run summary on the terminal and in train.log: the last and best validation
+    values (as TensorBoard has them) with units, the test metrics, the checkpoints, the run dir
+    and the commands to look at it; one log line per validation epoch; none of the libraries'
+    noise."""
+    output = (trained_run.parents[3] / "output.txt").read_text()
+    assert_no_noise(output)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    elbo = [event.value for event in events(trained_run).Scalars("val/elbo")]
+    assert summary["epochs"] == 2 and summary["last"]["epoch"] == 1
+    assert summary["last"]["metrics"]["val/elbo"] == pytest.approx(elbo[-1], abs=1e-4)
+    assert summary["best"]["metrics"]["val/elbo"] == pytest.approx(max(elbo), abs=1e-4)
+    best_ckpt = Path(summary["checkpoints"]["best"])
+    assert best_ckpt.is_file() and best_ckpt.name == f"epoch_{summary['best']['epoch']:03d}.ckpt"
+    assert summary["final"]["test/elbo"] == events(trained_run).Scalars("test/elbo")[0].value
+    log = (trained_run / "train.log").read_text()
+    for text in (output, log):
+        assert "Run finished: 2 epochs" in text
+        assert f"val/elbo {elbo[-1]:.4f}" in text  # the epoch line
+        row = next(line for line in text.splitlines() if line.strip().startswith("val/elbo "))
+        assert f"{elbo[-1]:.4f}" in row and f"{max(elbo):.4f}" in row
+        assert "nats per example" in row
+        assert "bits/dim" in text and "test/elbo" in text
+        assert f"Checkpoint (best): {best_ckpt}" in text
+        assert f"Checkpoint (last): {trained_run / 'checkpoints' / 'last.ckpt'}" in text
+        assert f"tensorboard --logdir {trained_run}" in text
+        assert f"python evaluate.py run={trained_run}" in text
+    assert log.count("(step ") == 2  # one line per validation epoch
+    assert "trainable parameters" in log and "model.encoder" in log
+
+
+def evaluate(run: Path, data_dir: Path, log_dir: Path, *extra: str, env=None):
     args = [f"run={run}", f"paths.data_dir={data_dir}", f"paths.log_dir={log_dir}", "eval.k=20"]
-    return run_script("evaluate.py", [*args, *extra], cwd=log_dir.parent)
+    return run_script("evaluate.py", [*args, *extra], cwd=log_dir.parent, env=env)
 
 
 def test_evaluate_restores_run_and_reports_test_metrics(trained_run, data_dir, tmp_path):
     log_dir = tmp_path / "logs"
-    result = evaluate(trained_run, data_dir, log_dir)
+    result = evaluate(trained_run, data_dir, log_dir, env={"PYTHONWARNINGS": "default"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/nll_is" in result.stdout and "k=20" in result.stdout
+    assert_no_noise(result.stdout + result.stderr)
+    # progress bars: the test pass, then the importance sampling with its running estimate
+    assert "Testing DataLoader 0: 100%" in result.stdout
+    assert "importance sampling, k=20: 100%" in result.stderr and "nll_is=" in result.stderr
     eval_dir = only_run_dir(log_dir, "evaluate")
     report = json.loads((eval_dir / "metrics.json").read_text())
     metrics = report["metrics"]

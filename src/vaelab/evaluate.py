@@ -19,6 +19,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 import torch
 import torchvision
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
@@ -41,7 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.run).expanduser()
     out_dir = Path(cfg.paths.output_dir)
     if path.is_dir() and is_sweep_dir(path):
-        rows = evaluate_sweep(path, out_dir, lambda run_dir, sub: evaluate_run(cfg, run_dir, sub))
+        rows = evaluate_sweep(
+            path, out_dir, lambda run_dir, sub: evaluate_run(cfg, run_dir, sub, run_dir.name)
+        )
         print((out_dir / "summary.md").read_text())
         print(f"sweep report written to {out_dir}")
         return {"runs": rows}
@@ -66,8 +69,11 @@ def check_eval_config(cfg: DictConfig) -> None:
     )
 
 
-def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
-    """Evaluate one run dir or checkpoint into out_dir; return its summary row."""
+def evaluate_run(
+    cfg: DictConfig, run: Path, out_dir: Path, label: str | None = None
+) -> dict[str, Any]:
+    """Evaluate one run dir or checkpoint into out_dir; return its summary row. `label` names
+    the run on the progress bars (a sweep's run dir)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = find_checkpoint(run, cfg.eval.checkpoint)
     checkpoint = load_checkpoint(ckpt_path)
@@ -88,7 +94,8 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         ) from e
 
     split = cfg.eval.split
-    metrics = step_metrics(cfg, module, datamodule, split)
+    show_progress = bool(cfg.eval.get("progress_bar", True))
+    metrics = step_metrics(cfg, module, datamodule, split, show_progress)
     device = pick_device(cfg.eval.accelerator)
     model = module.model.to(device).eval()
     torch.manual_seed(cfg.seed)
@@ -105,6 +112,11 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
         limit=cfg.eval.limit,
         probabilistic=probabilistic,
         compile=cfg.eval.get("compile", "auto"),
+        progress=(
+            f"{label + ': ' if label else ''}importance sampling, k={cfg.eval.k}"
+            if show_progress
+            else None
+        ),
     )
     seconds = time.perf_counter() - start
     is_metrics, per_dim = summarise(results, split, datamodule.num_dims, module.bpd_offset)
@@ -159,7 +171,9 @@ def evaluate_run(cfg: DictConfig, run: Path, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def step_metrics(cfg: DictConfig, module, datamodule, split: str) -> dict[str, float]:
+def step_metrics(
+    cfg: DictConfig, module, datamodule, split: str, progress_bar: bool = True
+) -> dict[str, float]:
     """The training step's metrics on the split, through Lightning's test/validate loop."""
     trainer = L.Trainer(
         accelerator=cfg.eval.accelerator,
@@ -167,9 +181,9 @@ def step_metrics(cfg: DictConfig, module, datamodule, split: str) -> dict[str, f
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=False,
+        enable_progress_bar=progress_bar,
         default_root_dir=cfg.paths.output_dir,
-        callbacks=[RandomState(eval_seed=0)],
+        callbacks=[RandomState(eval_seed=0), *([TQDMProgressBar()] if progress_bar else [])],
     )
     loop = trainer.test if split == "test" else trainer.validate
     (results,) = loop(module, datamodule=datamodule, verbose=False)

@@ -5,15 +5,26 @@ point to every curve); this callback writes the config and the *names* of the me
 (`val/elbo`, `val/rate`, ...). TensorBoard then takes each metric's latest value from the run's
 scalars, so the table and parallel-coordinates views compare every run of a sweep. It also logs
 `val/elbo_best`, the best validation ELBO so far.
+
+TensorBoard lists the hyperparameters it is told differ first, then the rest by name. The keys a
+sweep varies (its sweep overrides, `hydra.sweeper.params`, e.g. Optuna's search space) are
+marked so, and for a single run the keys set on its command line; so opening HPARAMS on a sweep
+shows `model.latent_dim` and `objective.beta` against the metrics, not `check_finite` and 100
+other constant keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams
 
 from vaelab.callbacks.images import tensorboard_writer
@@ -45,7 +56,9 @@ class HParamsLogger(L.Callback):
         # SummaryWriter.add_hparams would write into a sub-run of its own; the run's own file
         # writer has no public accessor.
         file_writer = private_api(writer, "_get_file_writer", "torch.utils.tensorboard")()
-        for summary in hparams(params, {name: 0.0 for name in self.metrics}):
+        experiment, start, end = hparams(params, {name: 0.0 for name in self.metrics})
+        mark_varying(experiment, hparam_names(varying_keys(), params))
+        for summary in (experiment, start, end):
             file_writer.add_summary(summary)
         writer.flush()
 
@@ -77,3 +90,45 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def varying_keys() -> list[str]:
+    """The config keys (and group names) this run's sweep varies; outside a sweep, the keys set
+    on the command line. Empty without Hydra (a run built in Python)."""
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    parser = OverridesParser.create()
+    keys = [str(key) for key in (hydra_cfg.sweeper.get("params") or {})]
+    if hydra_cfg.mode.name == "MULTIRUN":
+        multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+        if multirun.is_file():  # the sweep's own command line, with its comma lists and ranges
+            task = OmegaConf.load(multirun).hydra.overrides.task
+            keys += [
+                o.key_or_group for o in parser.parse_overrides(list(task)) if o.is_sweep_override()
+            ]
+    else:
+        keys += [o.key_or_group for o in parser.parse_overrides(list(hydra_cfg.overrides.task))]
+    return [key.lstrip("+~") for key in keys if key not in ("resume", "experiment")]
+
+
+def hparam_names(keys: Sequence[str], params: Mapping[str, Any]) -> set[str]:
+    """HParams names for config keys: `objective.beta` -> `objective/beta`, a group (`model`) ->
+    `choices/model`, a subtree (`model.encoder`) -> every key under it."""
+    names: set[str] = set()
+    for key in keys:
+        name = key.replace(".", "/")
+        if f"choices/{name}" in params:  # a group option: its choice, not all its keys
+            names.add(f"choices/{name}")
+        else:
+            names |= {p for p in params if p == name or p.startswith(f"{name}/")}
+    return names
+
+
+def mark_varying(experiment, names: set[str]) -> None:
+    """Set `differs` on those hyperparameters of an HParams experiment summary (in place)."""
+    metadata = experiment.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(metadata.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in names
+    metadata.content = data.SerializeToString()

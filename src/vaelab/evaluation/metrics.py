@@ -23,6 +23,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.distributions import Distribution
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from vaelab.data import ImageDataModule
 from vaelab.errors import require
@@ -132,15 +133,20 @@ def evaluate_split(
     keep: int = 2000,
     probabilistic: bool = True,
     compile: bool | str = "auto",
+    progress: str | None = None,
 ) -> SplitResults:
     """Run every batch (or the first `limit` examples) through the IS estimator and
     diagnostics. Inputs are the encoder's view (corrupted for a denoising model); likelihoods and
     errors are scored on the clean images. `probabilistic=False` (a plain autoencoder): no
-    likelihood and no KL, which are undefined for it. `compile`: see `weights_function`."""
+    likelihood and no KL, which are undefined for it. `compile`: see `weights_function`.
+    `progress`: the label of a progress bar over the examples (on stderr, with the running NLL
+    estimate and the time left); None: no bar."""
     results = SplitResults()
     examples = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     weights_fn = weights_function(model, compile, k * examples, device) if probabilistic else None
     prior = model.prior() if probabilistic else None
+    bar = tqdm(total=examples, desc=progress, unit="img", disable=progress is None, leave=True)
+    nll_sum = 0.0
     seen = 0
     for batch in loader:
         if limit is not None and seen >= limit:
@@ -160,6 +166,8 @@ def evaluate_split(
             )
             results.log_likelihood.append(bound["log_likelihood"].cpu())
             results.elbo_is.append(bound["elbo"].cpu())
+            nll_sum -= float(results.log_likelihood[-1].double().sum())
+            bar.set_postfix_str(f"nll_is={nll_sum / seen:.2f}", refresh=False)
             kl = model.rate_per_dim(q, prior)  # (B, D), or None for a mixture prior
             if kl is not None:
                 results.kl_per_dim.append(kl.cpu())
@@ -167,6 +175,8 @@ def evaluate_split(
         results.posterior_mean.append(model.representation(q).cpu())
         results.labels.append(labels.cpu())
         results.squared_error.append((reconstruction - x).pow(2).flatten(1).mean(1).cpu())
+        bar.update(len(x))
+    bar.close()
     return results
 
 

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
@@ -109,7 +112,11 @@ def log_embedding(
     step: int,
     tag: str = "posterior_mean",
 ) -> None:
-    """Posterior means in TensorBoard's projector, with labels and image sprites."""
+    """Posterior means in TensorBoard's projector, with labels and image sprites. A second
+    evaluation of the same checkpoint (same step) replaces the first one's files."""
+    previous = Path(writer.log_dir) / f"{step:05d}" / tag  # the writer's layout for plain tags
+    if previous.is_dir():
+        shutil.rmtree(previous)
     n = min(EMBEDDING_POINTS, len(means))
     writer.add_embedding(
         means[:n],
