@@ -26,10 +26,25 @@ from helpers.runs import (
         ("data.binarize=sometimes", ["data.binarize", "dynamic, static, none", "sometimes"]),
         ("data.batch_size=100000", ["data.batch_size=100000", "256 images"]),
         ("model.encoder.hidden_dims=[64,-3]", ["hidden_dims", "-3"]),
+        # optimizer, scheduler, trainer and seed: torch's and Lightning's own refusals (or a
+        # ZeroDivisionError at the first step) become one line naming the value
+        ("optimizer.lr=-1", ["optimizer.lr", ">= 0", "-1"]),
+        ("optimizer.lr=abc", ["optimizer.lr", "'abc'"]),
+        ("+optimizer.betas=[0.9,1.5]", ["optimizer.betas", "[0, 1)", "1.5"]),
+        ("scheduler=cosine scheduler.T_max=0", ["CosineAnnealingLR", "T_max=0", "first step"]),
+        ("scheduler=plateau scheduler.factor=2", ["ReduceLROnPlateau", "factor=2", "< 1.0"]),
+        ("trainer.max_epochs=abc", ["trainer.max_epochs", "'abc'"]),
+        ("trainer.log_every_n_steps=0", ["trainer.log_every_n_steps", ">= 1", "got 0"]),
+        ("trainer.precision=17", ["trainer:", "Precision 17 is invalid", "bf16-mixed"]),
+        ("trainer.devices=0", ["trainer:", "devices=0"]),
+        ("trainer.max_time=abc", ["trainer:", "duration='abc'", "DD:HH:MM:SS"]),
+        ("seed=abc", ["seed must be an integer", "'abc'"]),
+        ("model.encoder.activation=foo", ["activation", "torch.nn.Tanh", "'foo'"]),
     ],
 )
 def test_bad_value_is_one_line(override, fragments, data_dir, tmp_path):
-    assert_fragments(train_error([*tiny(data_dir), override], tmp_path), *fragments)
+    overrides = [*tiny(data_dir), *override.split()]
+    assert_fragments(train_error(overrides, tmp_path), *fragments)
 
 
 @pytest.mark.slow

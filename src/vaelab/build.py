@@ -7,15 +7,19 @@ its own sizes; the likelihood must accept the data's pixel model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.data import ImageDataModule
-from vaelab.errors import ConfigError
+from vaelab.errors import ConfigError, VaelabError, require, require_int, require_number
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
 
@@ -44,13 +48,76 @@ def build_objective(cfg: DictConfig) -> Any:
     return instantiate(objective)
 
 
-def check_optimizer(optimizer, model: torch.nn.Module) -> None:
-    """Build the optimizer once now, so a bad argument (optimizer.lr=-1) is one line before any
-    work starts, not torch's traceback at the first step."""
+def check_optimization(cfg: DictConfig, optimizer, scheduler, model: torch.nn.Module) -> None:
+    """Build the optimizer (and the scheduler, with one step) once now on a throwaway copy, so
+    a bad argument (optimizer.lr=-1, scheduler.T_max=0) is one line before any work starts, not
+    torch's traceback at the first step."""
+    settings = cfg.optimizer
+    for key in ("lr", "eps", "weight_decay", "momentum"):
+        if key in settings:
+            require_number(f"optimizer.{key}", settings[key], 0)
+    if "betas" in settings:
+        betas = list(settings.betas)
+        require(
+            len(betas) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
+            and all(0 <= b < 1 for b in betas),
+            f"optimizer.betas must be two numbers in [0, 1), got {betas}",
+        )
     try:
-        optimizer(model.parameters())
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"optimizer: {e}") from e
+        built = optimizer(model.parameters())
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"optimizer ({described(settings)}): {e}") from e
+    if scheduler is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            schedule = scheduler(built)
+            if not isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                schedule.step()
+    except VaelabError:
+        raise  # a schedule's own check (e.g. TimeCosine's budget) already names the value
+    except (ValueError, TypeError, ArithmeticError, RuntimeError) as e:
+        raise ConfigError(
+            f"scheduler ({described(cfg.scheduler)}) fails on its first step: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def described(node: DictConfig) -> str:
+    """`name=value` for the plain settings of a config node, `_target_` by its class name."""
+    items = [f"{str(node._target_).rsplit('.', 1)[-1]}"] if "_target_" in node else []
+    for key, value in node.items():
+        if not str(key).startswith("_") and not OmegaConf.is_config(value):
+            items.append(f"{key}={value}")
+    return ", ".join(items)
+
+
+def check_trainer(settings: DictConfig) -> None:
+    """The Trainer arguments a user most often sets, checked with their names."""
+    for key, minimum in (("max_epochs", -1), ("max_steps", -1), ("log_every_n_steps", 1)):
+        if settings.get(key) is not None:
+            require_int(f"trainer.{key}", settings[key], minimum)
+    for key in ("check_val_every_n_epoch", "accumulate_grad_batches", "num_nodes"):
+        if settings.get(key) is not None:
+            require_int(f"trainer.{key}", settings[key], 1)
+    if settings.get("gradient_clip_val") is not None:
+        require_number("trainer.gradient_clip_val", settings.gradient_clip_val, 0)
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """instantiate(cfg.trainer); what Lightning refuses (precision=17, devices=0, an accelerator
+    this machine lacks) is one line: Lightning's own message, which names the value."""
+    check_trainer(cfg.trainer)
+    try:
+        return instantiate(cfg.trainer, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if not isinstance(cause, ValueError | TypeError | MisconfigurationException | ImportError):
+            raise
+        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(f"trainer: {first_line}") from e
 
 
 def build_module(
@@ -74,8 +141,8 @@ def build_module(
             + " (likelihoods for [0, 1] values: gaussian, gaussian_fixed, continuous_bernoulli)"
         )
     optimizer = instantiate(cfg.optimizer)
-    check_optimizer(optimizer, model)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    check_optimization(cfg, optimizer, scheduler, model)
     monitor = cfg.get("monitor") or {"metric": "val/elbo"}
     return VAEModule(
         model=model,

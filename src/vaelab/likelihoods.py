@@ -10,8 +10,8 @@ whose event is one whole image (C, H, W), so `log_prob(x)` is one number per exa
 - `bpd_offset(pixel_model)`: what turns its -log p(x) / D into bits per dimension on those data.
 
 - Bernoulli: logits; for binary pixels. Its `log_prob` is torch's, summed over the image by a
-  faster route (`BernoulliImages`): the likelihood is a large part of a small VAE's step on a
-  CPU (about a quarter of the 784-200-200-50 model's IWAE step with torch's per-pixel form).
+  shorter route (`BernoulliImages`, one `log` per 16 pixels): the likelihood is a large part of
+  a small VAE's step on a CPU (benchmarks/README.md has the figures).
 - Gaussian: per-pixel mean and log-variance, as in Kingma & Welling (2013), Appendix C.2.
 - GaussianFixed: per-pixel mean, one fixed standard deviation `sigma`.
 - ContinuousBernoulli: Loaiza-Ganem & Cunningham (2019), a normalised density on [0, 1].
@@ -127,8 +127,8 @@ class _BernoulliLogProbSum(torch.autograd.Function):
 
 class BernoulliImages(Independent):
     """`Independent(Bernoulli(logits), 3)`: pixels independent given z, one image per event, with
-    `log_prob` summed over the pixels by `bernoulli_log_prob_sum` (3-4x faster than the per-pixel
-    log-probs summed, forward and backward, the same numbers to float rounding)."""
+    `log_prob` summed over the pixels by `bernoulli_log_prob_sum` (one `log` per 16 pixels
+    instead of one per pixel, forward and backward; the same numbers to float rounding)."""
 
     def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
         base = torch.distributions.Bernoulli(logits=logits, validate_args=validate_args)

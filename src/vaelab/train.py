@@ -16,10 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import evaluate
-from vaelab.build import build_datamodule, build_module
+from vaelab.build import build_datamodule, build_module, build_trainer
 from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
-from vaelab.errors import CheckpointError
+from vaelab.errors import CheckpointError, require_int
 from vaelab.resume import checkpoint_step, resume_config
 from vaelab.summary import format_run_summary, run_summary, write_summary
 
@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
+        require_int("seed", cfg.seed, 0)
         L.seed_everything(cfg.seed, workers=True)
     # The task config (a composed config may carry Hydra's own node, which is not the run's).
     task_keys = [key for key in cfg if key != "hydra"]
@@ -80,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks += reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
     log.info("Output dir: %s", cfg.paths.output_dir)
     start = time.perf_counter()
     try:

@@ -242,7 +242,7 @@ class ImageDataModule(L.LightningDataModule):
             return images.float()
         if self.binarize == "dynamic":
             # x ~ Bernoulli(pixel / 255), exactly: r uniform on {0, ..., 254} gives
-            # P(r < pixel) = pixel / 255; ~4x faster than torch.bernoulli on a CPU.
+            # P(r < pixel) = pixel / 255, one integer comparison per pixel.
             noise = torch.randint(0, 255, images.shape, dtype=torch.uint8, device=images.device)
             return (noise < images).float()
         intensity = images.float()

@@ -34,16 +34,16 @@ log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01
 COMPILE_CHOICES = ("auto", True, False)
 #: eval.compile=auto compiles on a CPU when the split needs at least this many decoded codes (k
-#: times examples): compiling takes a few seconds, decoding a million codes of a small MLP about
-#: as long. (A GPU decodes that many in well under a second, so compiling rarely pays there.)
+#: times examples), where the time saved outweighs the compilation's (benchmarks/nll_is.py
+#: measures both). A GPU decodes that many codes quickly, so `auto` does not compile there.
 COMPILE_AUTO_MIN_CODES = 1_000_000
 
 
 def compile_options() -> dict[str, bool]:
-    """Inductor options for the compiled weights: tanh as 2 / (1 + exp(-2x)) - 1 on a CPU (1.5x
-    faster than the vectorised library tanh here; off by default in torch for a relative error
-    near 0 that does not matter for activations: absolute error < 2e-7). Left out where this
-    torch has no such option."""
+    """Inductor options for the compiled weights: tanh as 2 / (1 + exp(-2x)) - 1 on a CPU
+    (faster than the vectorised library tanh; off by default in torch for its relative error
+    near 0, which does not matter for activations: the absolute error stays below 2e-7). Left
+    out where this torch has no such option."""
     cpp = getattr(getattr(torch, "_inductor", None), "config", None)
     cpp = getattr(cpp, "cpp", None)
     return {"cpp.use_decompose_tanh": True} if hasattr(cpp, "use_decompose_tanh") else {}

@@ -12,7 +12,13 @@ from math import prod
 
 from torch import Tensor, nn
 
-from vaelab.nets.encoders import Activation, check_conv_shape, check_sizes, mlp
+from vaelab.nets.encoders import (
+    Activation,
+    check_activation,
+    check_conv_shape,
+    check_sizes,
+    mlp,
+)
 
 
 class MLPDecoder(nn.Module):
@@ -26,6 +32,7 @@ class MLPDecoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
+        check_activation(type(self).__name__, activation)
         hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
         self.out_shape = tuple(out_shape)
         self.net = mlp([latent_dim, *reversed(hidden_dims), prod(out_shape)], activation)
@@ -47,6 +54,7 @@ class ConvDecoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
+        check_activation(type(self).__name__, activation)
         channels = check_sizes(f"{type(self).__name__} channels", channels)
         c_out, h, w = check_conv_shape(out_shape, len(channels))
         scale = 2 ** len(channels)

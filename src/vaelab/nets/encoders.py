@@ -16,6 +16,14 @@ from vaelab.errors import require
 Activation = Callable[[], nn.Module]
 
 
+def check_activation(owner: str, activation: object) -> None:
+    require(
+        callable(activation),
+        f"{owner} activation must build a module, e.g. model.encoder.activation._target_="
+        f"torch.nn.Tanh (a _partial_ class), got {activation!r}",
+    )
+
+
 def mlp(sizes: Sequence[int], activation: Activation) -> nn.Sequential:
     """Linear layers of the given sizes with an activation between (none after the last)."""
     layers: list[nn.Module] = []
@@ -46,6 +54,7 @@ class MLPEncoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
+        check_activation(type(self).__name__, activation)
         hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
         self.net = nn.Sequential(
             nn.Flatten(), mlp([prod(in_shape), *hidden_dims, out_dim], activation)
@@ -70,6 +79,7 @@ class ConvEncoder(nn.Module):
         activation: Activation = nn.ReLU,
     ) -> None:
         super().__init__()
+        check_activation(type(self).__name__, activation)
         channels = check_sizes(f"{type(self).__name__} channels", channels)
         c, h, w = check_conv_shape(in_shape, len(channels))
         layers: list[nn.Module] = []
