@@ -1,15 +1,18 @@
 """Every option of every config group composes and instantiates; every model x likelihood pair
-builds for 1x28x28 and 3x32x32 images with the right shapes."""
+builds for 1x28x28 and 3x32x32 images with the right shapes; every `python train.py` command of
+the README and docs/ composes; docs/configs.md is what scripts/config_docs.py makes of configs/;
+Hydra's --cfg and --info work on the entry points."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import re
 import shlex
 
 import pytest
 import torch
-from helpers.runs import CONFIGS, REPO, compose_train, tiny
+from helpers.runs import CONFIGS, REPO, compose_train, run_script, tiny
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
@@ -90,12 +93,15 @@ def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape
     assert vae.sample(4).shape == (4, *shape)
 
 
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def readme_train_commands() -> list[tuple[str, ...]]:
-    """The overrides of every single-run `python train.py ...` example in the README: command
-    lines in code blocks (continuation lines joined) and inline `python train.py ...` spans (the
-    Results table). Skipped: sweeps (-m / --multirun), placeholders (<run dir>, ...), and the
-    shown error examples ($ prompt)."""
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    """The overrides of every single-run `python train.py ...` example in the README and the
+    docs/ pages: command lines in code blocks (continuation lines joined) and inline
+    `python train.py ...` spans (the Results tables). Skipped: sweeps (-m / --multirun),
+    placeholders (<run dir>, ...), and the shown error examples ($ prompt)."""
+    text = "\n".join(path.read_text() for path in DOCS).replace("\\\n", " ")
     lines = re.findall(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S+ )*(python train\.py.*)$", text, re.M)
     commands = lines + re.findall(r"`(python train\.py[^`]*)`", text)
     overrides = []
@@ -108,6 +114,31 @@ def readme_train_commands() -> list[tuple[str, ...]]:
 
 
 README_COMMANDS = readme_train_commands()
+
+
+def test_configs_page_is_up_to_date():
+    """docs/configs.md is generated from configs/ (python scripts/config_docs.py)."""
+    spec = importlib.util.spec_from_file_location(
+        "config_docs", REPO / "scripts" / "config_docs.py"
+    )
+    config_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_docs)
+    page = (REPO / "docs" / "configs.md").read_text()
+    assert page == config_docs.render(CONFIGS), "run python scripts/config_docs.py"
+    for group in GROUPS:
+        for option in options(group):
+            assert f"### `{group}={option}`" in page
+
+
+@pytest.mark.slow
+def test_hydra_shows_the_composed_config_and_its_sources(tmp_path):
+    result = run_script("train.py", ["--cfg", "job", "model=conv", "model.latent_dim=8"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "_target_: vaelab.nets.ConvEncoder" in result.stdout
+    assert "latent_dim: 8" in result.stdout
+    result = run_script("evaluate.py", ["--info", "defaults", "run=x"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Defaults List" in result.stdout and "paths/default" in result.stdout
 
 
 def test_the_readme_has_train_commands_to_check():

@@ -108,13 +108,31 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 5))
     for row in done:
         axes.scatter(row["rate"], row["distortion"])
-        axes.annotate(row["run"], (row["rate"], row["distortion"]), fontsize=6)
+        axes.annotate(
+            point_label(row, done),
+            (row["rate"], row["distortion"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axes.margins(0.15)
     axes.set(xlabel="rate (nats)", ylabel="distortion (nats)", title="rate vs distortion")
     figure.tight_layout()
     figure.savefig(out_dir / "rate_distortion.png", dpi=120)
     plt.close(figure)
     for x_key, name in (("latent_dim", "latent_dim"), ("beta", "beta")):
         plot_metric_against(done, x_key, out_dir / f"nll_vs_{name}.png")
+
+
+def point_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The swept values that tell this run apart (`objective.beta=4`), else the run's name."""
+    keys = [
+        key
+        for key in row
+        if key not in ("run", "status", "model_info", "samples", "metrics", *COLUMNS)
+        and len({str(other.get(key)) for other in rows}) > 1
+    ]
+    return ", ".join(f"{key}={row[key]}" for key in keys) or row["run"]
 
 
 def plot_metric_against(rows: list[dict[str, Any]], x_key: str, path: Path) -> None:

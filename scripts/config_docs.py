@@ -1,0 +1,178 @@
+"""Write docs/configs.md, the overview of every config group and option, from configs/.
+
+    python scripts/config_docs.py           # rewrite docs/configs.md
+    python scripts/config_docs.py --check   # exit 1 if docs/configs.md is out of date
+
+Each option's description is the comment at the top of its YAML file, each setting's note the
+comment above it or beside it, so the page says what the files say and a test
+(tests/test_configs.py) fails when it was not regenerated after a config changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+OUTPUT = REPO / "docs" / "configs.md"
+KEY = re.compile(r"^(\s*)([A-Za-z_][\w.]*|\"[^\"]+\"):(.*)$")
+INLINE_COMMENT = re.compile(r"\s+#\s?(.*)$")
+ROOTS = ("train", "evaluate")
+#: Groups in the order a user meets them; any other group follows alphabetically.
+ORDER = (
+    "data", "model", "likelihood", "prior", "objective", "optimizer", "scheduler", "trainer",
+    "logger", "callbacks", "experiment", "hparams_search", "paths", "hydra", "hydra/launcher",
+)  # fmt: skip
+
+
+def comments(path: Path) -> tuple[str, dict[str, str]]:
+    """The file's header comment and, per dotted key, the comment above or beside it."""
+    header: list[str] = []
+    notes: dict[str, str] = {}
+    pending: list[str] = []
+    stack: list[tuple[int, str]] = []
+    seen_key = False
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            if text.startswith("@package"):
+                continue
+            (pending if seen_key else header).append(text)
+            continue
+        if not stripped:
+            if not seen_key and header:
+                seen_key = True  # a blank line ends the header
+            pending = []
+            continue
+        match = KEY.match(line)
+        if match is None:
+            pending = []
+            continue
+        seen_key = True
+        indent, key, rest = len(match[1]), match[2].strip('"'), match[3]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        dotted = ".".join(k for _, k in stack)
+        inline = INLINE_COMMENT.search(rest) if "#" in rest else None
+        note = " ".join(pending + ([inline[1]] if inline else []))
+        if note:
+            notes[dotted] = note
+        pending = []
+    return " ".join(header), notes
+
+
+def flat(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaf settings as (dotted key, value); a `{_target_, _partial_}` node is its class."""
+    if isinstance(node, dict):
+        if "_target_" in node and set(node) <= {"_target_", "_partial_"}:
+            return [(prefix, node["_target_"])] if prefix else [("_target_", node["_target_"])]
+        items: list[tuple[str, Any]] = []
+        for key, value in node.items():
+            if key == "_partial_":
+                continue
+            items += flat(value, f"{prefix}.{key}" if prefix else str(key))
+        return items
+    return [(prefix, node)]
+
+
+def value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def option_section(path: Path, title: str) -> list[str]:
+    header, notes = comments(path)
+    content = yaml.safe_load(path.read_text()) or {}
+    lines = [f"### {title}", ""]
+    if header:
+        lines += [header, ""]
+    defaults = content.pop("defaults", None) if isinstance(content, dict) else None
+    if defaults:
+        entries = [
+            value_text(e)
+            if not isinstance(e, dict)
+            else ", ".join(f"{k}: {value_text(v)}" for k, v in e.items())
+            for e in defaults
+        ]
+        lines += [f"Defaults: `{'`, `'.join(entries)}`", ""]
+    settings = flat(content)
+    if settings:
+        lines += ["| key | default | note |", "| --- | --- | --- |"]
+        for key, value in settings:
+            name = "class" if key == "_target_" else key
+            note = notes.get(key, "")
+            lines.append(f"| `{name}` | `{cell(value_text(value))}` | {cell(note)} |")
+        lines.append("")
+    return lines
+
+
+def groups(config_dir: Path) -> list[str]:
+    found = sorted(
+        str(path.parent.relative_to(config_dir))
+        for path in config_dir.rglob("*.yaml")
+        if path.parent != config_dir and path.parent.name != "base"
+    )
+    found = sorted(set(found), key=lambda g: (ORDER.index(g) if g in ORDER else len(ORDER), g))
+    return found
+
+
+def render(config_dir: Path = CONFIG_DIR) -> str:
+    lines = [
+        "# Configs",
+        "",
+        "<!-- generated by scripts/config_docs.py from configs/; do not edit by hand -->",
+        "",
+        "Every config group and option of `train.py` and `evaluate.py`, with its settings and",
+        "their defaults. Pick an option with `group=option`, change a setting with `key=value`",
+        "(`python train.py model=conv model.latent_dim=8`). What a composed config holds:",
+        "`python train.py --cfg job` (add overrides to see their effect);",
+        "which file each part comes from: `python train.py --info defaults`.",
+        "",
+        "Groups: " + ", ".join(f"[`{g}`](#{g.replace('/', '')})" for g in groups(config_dir)),
+        "",
+        "## Root configs",
+        "",
+    ]
+    for root in ROOTS:
+        lines += option_section(config_dir / f"{root}.yaml", f"{root}.yaml")
+    for group in groups(config_dir):
+        lines += [f"## {group}", ""]
+        for path in sorted((config_dir / group).glob("*.yaml")):
+            lines += option_section(path, f"`{group}={path.stem}`")
+        base = config_dir / group / "base"
+        for path in sorted(base.glob("*.yaml")) if base.is_dir() else []:
+            lines += option_section(path, f"`{group}/base/{path.stem}` (shared by the options)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the page is out of date")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT.relative_to(REPO)} is out of date: run python scripts/config_docs.py")
+            return 1
+        return 0
+    OUTPUT.parent.mkdir(exist_ok=True)
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
