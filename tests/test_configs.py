@@ -100,14 +100,15 @@ def readme_train_commands() -> list[tuple[str, ...]]:
     """The overrides of every single-run `python train.py ...` example in the README and the
     docs/ pages: command lines in code blocks (continuation lines joined) and inline
     `python train.py ...` spans (the Results tables). Skipped: sweeps (-m / --multirun),
-    placeholders (<run dir>, ...), and the shown error examples ($ prompt)."""
+    Hydra's own flags (--cfg, --info), placeholders (<run dir>, ...), and the shown error
+    examples ($ prompt)."""
     text = "\n".join(path.read_text() for path in DOCS).replace("\\\n", " ")
     lines = re.findall(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S+ )*(python train\.py.*)$", text, re.M)
     commands = lines + re.findall(r"`(python train\.py[^`]*)`", text)
     overrides = []
     for command in commands:
         words = shlex.split(command, comments=True)[2:]  # after "python train.py"
-        if {"-m", "--multirun"} & set(words) or any("<" in w or "..." in w for w in words):
+        if any(w.startswith("-") or "<" in w or "..." in w for w in words):  # -m, --cfg, ...
             continue
         overrides.append(words)
     return sorted({tuple(words) for words in overrides})
