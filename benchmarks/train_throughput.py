@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fake-IDX writer the tests use
-from conftest import write_idx  # noqa: E402
+from helpers.runs import write_idx  # noqa: E402
 
 from vaelab.build import build_datamodule, build_model, build_module  # noqa: E402
 from vaelab.train import instantiate_group  # noqa: E402
