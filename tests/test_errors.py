@@ -30,6 +30,7 @@ from helpers.runs import (
         # ZeroDivisionError at the first step) become one line naming the value
         ("optimizer.lr=-1", ["optimizer.lr", ">= 0", "-1"]),
         ("optimizer.lr=abc", ["optimizer.lr", "'abc'"]),
+        ("+optimizer.eps=-1", ["optimizer.eps", ">= 0", "-1"]),
         ("+optimizer.betas=[0.9,1.5]", ["optimizer.betas", "[0, 1)", "1.5"]),
         ("scheduler=cosine scheduler.T_max=0", ["CosineAnnealingLR", "T_max=0", "first step"]),
         ("scheduler=plateau scheduler.factor=2", ["ReduceLROnPlateau", "factor=2", "< 1.0"]),

@@ -98,10 +98,10 @@ def test_bad_budget_is_refused_naming_the_value(bad):
 
 
 def test_time_cosine_without_max_time_is_a_clear_error(data_dir, tmp_path):
+    """Refused when the module is built, before any work starts."""
     cfg = compose_train([*tiny(data_dir), "scheduler=time_cosine"], output_dir=tmp_path)
-    module = build_module(cfg, build_datamodule(cfg))
     with pytest.raises(ConfigError, match=r"trainer.max_time, or seconds\), got None"):
-        module.configure_optimizers()
+        build_module(cfg, build_datamodule(cfg))
 
 
 def test_cpu_budget_preset_anneals_over_its_twenty_minutes(data_dir, tmp_path):

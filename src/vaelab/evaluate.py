@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, open_dict
 from torch.utils.tensorboard import SummaryWriter
 
+from vaelab import quiet
 from vaelab.build import build_datamodule, build_module
 from vaelab.callbacks import RandomState
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
@@ -37,6 +38,7 @@ SPLITS = ("test", "val")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.run`: a run dir, a .ckpt file, or a multirun (sweep) dir."""
+    quiet.install()  # again: a caller's warnings.catch_warnings() may have reset the filters
     check_eval_config(cfg)
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     path = Path(cfg.run).expanduser()

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vaelab import evaluate
+from vaelab import evaluate, quiet
 from vaelab.build import build_datamodule, build_module, build_trainer
 from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    quiet.install()  # again: a caller's warnings.catch_warnings() may have reset the filters
     if cfg.get("resume"):
         cfg = resume_config(cfg)
     use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too

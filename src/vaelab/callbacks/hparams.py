@@ -100,7 +100,7 @@ def varying_keys() -> list[str]:
     hydra_cfg = HydraConfig.get()
     parser = OverridesParser.create()
     keys = [str(key) for key in (hydra_cfg.sweeper.get("params") or {})]
-    if hydra_cfg.mode.name == "MULTIRUN":
+    if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
         multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
         if multirun.is_file():  # the sweep's own command line, with its comma lists and ranges
             task = OmegaConf.load(multirun).hydra.overrides.task
