@@ -67,23 +67,56 @@ def test_ddp_run_writes_one_dir_with_synced_metrics(data_dir, tmp_path):
     assert logged["val/elbo"] == pytest.approx(single["val/elbo"], rel=0.02)
 
 
+#: Deterministic objective and data (plain autoencoder, static binarisation, one data order), in
+#: float64 with plain SGD. In float32 with Adam the claim depended on the CPU: gradients of pixels
+#: that are almost always 0 are float rounding noise of either sign, summed in another order by
+#: one process than by two, and Adam normalises them to full-size updates of either sign. In
+#: float64 the noise is ~1e-16 relative and SGD passes it on unamplified, so the weights of the
+#: two layouts agree to ~1e-12 on any CPU while a sharding error moves them by ~1e-3.
+EQUIVALENCE = [
+    "objective=ae",
+    "data.binarize=static",
+    "data.shuffle_seed=0",
+    "trainer.max_epochs=1",
+    "trainer.precision=64-true",
+    "optimizer._target_=torch.optim.SGD",
+    "~optimizer.fused",
+    "optimizer.lr=1e-3",
+]
+#: Float64 rounding over the few steps of one epoch, with a margin; far below a sharding error.
+TOLERANCE = dict(rtol=1e-9, atol=1e-11)
+
+
+def two_process_weights(data_dir: Path, tmp_path: Path, *extra: str, env=None):
+    tmp_path.mkdir(exist_ok=True)
+    args = [*tiny(data_dir), f"paths.log_dir={tmp_path / 'two'}", *EQUIVALENCE]
+    args += ["data.batch_size=16", "trainer=ddp_cpu", "trainer.devices=2", *extra]
+    result = run_script("train.py", args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return last_weights(only(tmp_path / "two" / "train" / "runs"))
+
+
 def test_two_processes_with_batch_b_match_one_with_batch_2b(data_dir, tmp_path):
-    """Deterministic objective and data (plain autoencoder, static binarisation), same seed and
-    data order: DDP's averaged gradients equal the big batch's, so the weights agree."""
-    common = ["objective=ae", "data.binarize=static", "data.shuffle_seed=0", "trainer.max_epochs=1"]
-    train(data_dir, tmp_path / "one", *common, "data.batch_size=32", "trainer=cpu")
-    train(
-        data_dir,
-        tmp_path / "two",
-        *common,
-        "data.batch_size=16",
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-    )
+    """DDP's averaged gradients equal the big batch's, so the weights agree; a wrong shard
+    (every process on rank 0's examples) is caught by the same comparison."""
+    train(data_dir, tmp_path / "one", *EQUIVALENCE, "data.batch_size=32", "trainer=cpu")
     one = last_weights(only(tmp_path / "one" / "train" / "runs"))
-    two = last_weights(only(tmp_path / "two" / "train" / "runs"))
+    assert all(t.dtype == torch.float64 for t in one.values())
+    two = two_process_weights(data_dir, tmp_path)
     for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(two[name], tensor, **TOLERANCE, msg=name)
+
+    wrong = two_process_weights(
+        data_dir,
+        tmp_path / "wrong",
+        "data._target_=helpers.wrong_shard.SameShardEverywhere",
+        env={"PYTHONPATH": str(Path(__file__).parent)},
+    )
+    differences = [(wrong[name] - tensor).abs().max().item() for name, tensor in one.items()]
+    assert max(differences) > 1e3 * TOLERANCE["atol"], differences
+    with pytest.raises(AssertionError):
+        for name, tensor in one.items():
+            torch.testing.assert_close(wrong[name], tensor, **TOLERANCE)
 
 
 def test_ddp_inside_a_multirun(data_dir, tmp_path):

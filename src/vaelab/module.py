@@ -63,6 +63,8 @@ class VAEModule(L.LightningModule):
 
     def step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         inputs, targets, _ = batch  # inputs differ from targets for a denoising autoencoder
+        if inputs.dtype != self.dtype:  # trainer.precision=64-true: the data come as float32
+            inputs, targets = inputs.to(self.dtype), targets.to(self.dtype)
         training = stage == "train"
         parts = self.objective(
             self.model, inputs, targets, step=self.global_step if training else None

@@ -47,6 +47,7 @@ class ImageLogger(L.Callback):
             inputs, targets, _ = trainer.datamodule.fetch(
                 move_data_to_device(batch, pl_module.device)
             )
+            inputs, targets = inputs.to(pl_module.dtype), targets.to(pl_module.dtype)  # 64-true
             self.inputs, self.targets = inputs[: self.n_images], targets[: self.n_images]
         # The same random numbers every epoch (a learned prior still moves), outside the run's
         # random state.
