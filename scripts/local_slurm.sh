@@ -43,7 +43,8 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket.2
+# cred_expire: how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$dir/munge/munge.socket.2,cred_expire=10
 CredType=cred/munge
 SlurmctldPort=${VAELAB_SLURMCTLD_PORT:-6817}
 SlurmdPort=${VAELAB_SLURMD_PORT:-6818}
@@ -57,6 +58,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# schedule often: a requeued or newly eligible job starts within seconds
+SchedulerParameters=bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

@@ -29,7 +29,13 @@ def _run_name(number: int, overrides: str, limit: int = 200) -> str:
     return name[: name.rfind(",", 0, limit)] + ",..."
 
 
+def _gpus_per_node(accelerator: str, devices: int | str) -> int:
+    """The SLURM launcher's GPUs per node: none for a CPU trainer, else one per device."""
+    return 0 if str(accelerator) == "cpu" else int(devices)
+
+
 OmegaConf.register_new_resolver("vaelab.run_name", _run_name, replace=True)
+OmegaConf.register_new_resolver("vaelab.gpus_per_node", _gpus_per_node, replace=True)
 OmegaConf.register_new_resolver("vaelab.first_set", _first_set, replace=True)
 OmegaConf.register_new_resolver(
     "vaelab.config_subdir", _config_subdir, use_cache=True, replace=True

@@ -15,6 +15,7 @@ import atexit
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class RecordFailures(Callback):
             "overrides": list(job_return.overrides or []),
             "run_dir": str(Path(config.hydra.runtime.output_dir).name),
             "error": f"{type(error).__name__}: {error}".splitlines()[0],
+            **slurm_job(),
         }
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +46,22 @@ class RecordFailures(Callback):
         log.error(
             "run %s (%s) failed: %s", entry["job"], " ".join(entry["overrides"]), entry["error"]
         )
+
+
+def slurm_job() -> dict[str, str]:
+    """The SLURM job id and the job's log file, when this job runs under SLURM (submitit)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    entry = {"slurm_job_id": os.environ["SLURM_JOB_ID"]}
+    try:
+        import submitit
+
+        environment = submitit.JobEnvironment()
+        entry["slurm_job_id"] = environment.job_id  # <array job>_<task> for a sweep
+        entry["log"] = str(environment.paths.stdout).replace("%t", str(environment.global_rank))
+    except Exception:  # not started by submitit: the id alone
+        pass
+    return entry
 
 
 def read_failures(sweep_dir: Path) -> dict[str, str]:

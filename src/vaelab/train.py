@@ -57,6 +57,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet.install()  # again: a caller's warnings.catch_warnings() may have reset the filters
     if cfg.get("resume"):
         cfg = resume_config(cfg)
+    elif requeued_checkpoint(cfg) is not None:
+        with open_dict(cfg):  # a requeued SLURM job: continue where it was stopped
+            cfg.ckpt_path = str(requeued_checkpoint(cfg))
+        log.info(
+            "requeued job (SLURM_RESTART_COUNT=%s): continuing from %s",
+            os.environ["SLURM_RESTART_COUNT"],
+            cfg.ckpt_path,
+        )
     use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
@@ -110,6 +118,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_summary(summary)
         log.info("\n%s", format_run_summary(summary))
     return metrics
+
+
+def requeued_checkpoint(cfg: DictConfig) -> Path | None:
+    """This run dir's last.ckpt when the job is a SLURM requeue of itself (SLURM_RESTART_COUNT
+    > 0, the same config in the same run dir) and no checkpoint was named; else None."""
+    if cfg.get("ckpt_path") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
 
 
 def final_evaluation(cfg: DictConfig) -> dict[str, float]:

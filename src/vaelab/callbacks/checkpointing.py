@@ -8,6 +8,14 @@ of an optimizer step (a second Ctrl-C stops at once). Each write goes to a tempo
 renamed into place, and weights that are not finite are never written (VAEModule refuses), so
 `last.ckpt` is always the last good state. `resume=<run dir>` continues from it.
 
+On a SLURM cluster the requeue signals (SIGUSR2 from Hydra's submitit launcher
+`signal_delay_s` before the time limit, SIGUSR1 from an sbatch `--signal`, either from
+`scancel --signal`) are caught the same way: `last.ckpt` is written at the next batch boundary
+(after validation at an epoch's end), then the launcher's handler for that signal requeues the
+job and exits (submitit), or without one `scontrol requeue` does; the requeued job continues
+from that checkpoint in the same run dir (vaelab.train, `SLURM_RESTART_COUNT`). Lightning's own
+SLURM handler, which saves inside the signal handler, wherever the step is, is not installed.
+
 What survives a kill -9: the last checkpoint, and every TensorBoard point logged before it
 (Lightning flushes the logger after each logging step; a resumed run drops the points logged
 after its checkpoint and logs them again). The exception is the training metrics of the batch
@@ -18,7 +26,9 @@ kill in those few milliseconds loses that one point of the training curves.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +39,8 @@ from vaelab.errors import private_api, require
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
+#: What SLURM sends before a time limit or pre-emption: SIGUSR2 for submitit, SIGUSR1 for sbatch.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class LastCheckpoint(Checkpoint):
@@ -44,6 +56,10 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self._previous_sigint = None
         self._saved_step = -1
+        self._launcher_handlers: dict = {}  # SLURM requeue signal -> the handler ours replaced
+        self._requeue_signal: tuple | None = None  # (signum, frame) of a pending requeue
+        self._saved_for_requeue = False  # last.ckpt holds the state to requeue from
+        self._requeued = False  # the job was handed to its requeue
 
     def save(self, trainer: L.Trainer) -> None:
         if trainer.global_step != self._saved_step:
@@ -51,18 +67,59 @@ class LastCheckpoint(Checkpoint):
             self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        every = self.every_n_train_steps
-        if not every or trainer.global_step % every or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # The epoch-end save follows validation; a checkpoint from between the two would
             # resume without that validation (and not bit-exactly): the epoch end saves instead.
             return
-        self.save(trainer)
+        requeue = self._requeue_pending(trainer)
+        every = self.every_n_train_steps
+        if requeue or (every and trainer.global_step % every == 0):
+            self.save(trainer)
+        # The requeue waits for the next batch: Lightning logs this batch's training metrics
+        # after the callbacks, and they belong to the curve up to the checkpoint.
+        self._saved_for_requeue = requeue
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._saved_step = -1  # the epoch counter moved on: write even at the same step
         self.save(trainer)
+        self._saved_for_requeue = self._requeue_pending(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self._saved_for_requeue:
+            self._saved_for_requeue = False
+            self._requeue(trainer)
+
+    def _requeue_pending(self, trainer: L.Trainer) -> bool:
+        """Whether a requeue signal came; under DDP, whether it came to any process, so that
+        all of them save (a collective operation) at the same step."""
+        if not self._launcher_handlers:  # not under SLURM
+            return False
+        pending = self._requeue_signal is not None
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        return pending
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        """After the save, before the next batch: hand the requeue signal to the launcher's
+        handler (submitit's requeues the job and exits this process), or requeue with
+        scontrol."""
+        signum, frame = self._requeue_signal or (signal.SIGUSR2, None)
+        handler = self._launcher_handlers.get(signum)
+        self._restore_signals()
+        self._requeued = True  # last.ckpt is the state to continue from: keep it as it is
+        log.warning(
+            "requeue signal: checkpoint saved at step %d (%s); requeuing the job",
+            trainer.global_step,
+            self.path,
+        )
+        if callable(handler):
+            handler(signum, frame)
+            return
+        if trainer.is_global_zero:
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        trainer.should_stop = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning's own SIGTERM path (stop at the next batch boundary) has no public entry.
@@ -81,6 +138,18 @@ class LastCheckpoint(Checkpoint):
             self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
         except ValueError:  # not the main thread (some launchers): keep the default handler
             self._previous_sigint = None
+            return
+        if "SLURM_JOB_ID" not in os.environ:
+            return
+
+        def on_requeue_signal(signum, frame) -> None:
+            self._requeue_signal = (signum, frame)  # acted on at the next batch boundary
+
+        # Installed before Lightning registers its handlers (after on_fit_start), which then
+        # leaves a signal that has one alone.
+        for requeue_signal in REQUEUE_SIGNALS:
+            self._launcher_handlers[requeue_signal] = signal.getsignal(requeue_signal)
+            signal.signal(requeue_signal, on_requeue_signal)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
@@ -89,6 +158,10 @@ class LastCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._restore_sigint()
+        if self._requeued:
+            # The SIGTERM of the requeue: the next batch was already fetched, so a save now
+            # would continue one batch too late.
+            return
         if isinstance(exception, SIGTERMException | KeyboardInterrupt):
             self._saved_step = -1
             self.save(trainer)
@@ -102,6 +175,12 @@ class LastCheckpoint(Checkpoint):
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        self._restore_signals()
+
+    def _restore_signals(self) -> None:
+        for requeue_signal, handler in self._launcher_handlers.items():
+            signal.signal(requeue_signal, handler)
+        self._launcher_handlers = {}
 
     def state_dict(self) -> dict[str, int | None]:
         return {"every_n_train_steps": self.every_n_train_steps}
