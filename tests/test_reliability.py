@@ -78,10 +78,23 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
-    full = run_script("train.py", train_args(data_dir, tmp_path / "full"), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    """The run dir of a 4-epoch run, never interrupted."""
+    logs = tmp_path_factory.mktemp("uninterrupted")
+    full = run_script("train.py", train_args(data_dir, logs), cwd=logs)
     assert full.returncode == 0, full.stderr[-3000:]
-    reference = only_run_dir(tmp_path / "full")
+    return only_run_dir(logs)
+
+
+def assert_same_weights(got: dict, expected: dict, context: str) -> None:
+    assert got["global_step"] == expected["global_step"]
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), f"{name} differs {context}"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path, uninterrupted):
+    reference = uninterrupted
 
     # Kill -9 mid-epoch, after a checkpoint
     process = start(train_args(data_dir, tmp_path / "part"), tmp_path)
@@ -103,12 +116,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected, got = load(reference / "checkpoints" / "last.ckpt"), load(last)
-    assert got["global_step"] == expected["global_step"] == 4 * steps_per_epoch
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), (
-            f"{name} differs after resuming from step {killed_at['global_step']} "
-            f"(epoch {killed_at['epoch']})"
-        )
+    assert expected["global_step"] == 4 * steps_per_epoch
+    assert_same_weights(
+        got,
+        expected,
+        f"after resuming from step {killed_at['global_step']} (epoch {killed_at['epoch']})",
+    )
     # Same run dir, same TensorBoard run: the curves match, with no duplicated step. The one
     # point a kill -9 may cost is the training metrics of the batch whose end wrote last.ckpt
     # (global step S, metrics at step S - 1): Lightning logs and flushes them a moment after
@@ -126,7 +139,34 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
             assert value == pytest.approx(reference_curve[step]), f"{tag} differs at {step}"
     assert (run_dir / ".hydra" / "config.yaml").read_text() == (
         reference / ".hydra" / "config.yaml"
-    ).read_text().replace(str(tmp_path / "full"), str(tmp_path / "part"))
+    ).read_text().replace(str(reference.parents[2]), str(tmp_path / "part"))
+
+
+def test_a_finished_run_continued_matches_the_longer_run(data_dir, tmp_path, uninterrupted):
+    """resume from the checkpoint of an epoch's end (the kill above lands there now and then):
+    3 epochs, then resume=<run dir> trainer.max_epochs=4, is the 4-epoch run bit for bit."""
+    short = run_script(
+        "train.py", train_args(data_dir, tmp_path, "trainer.max_epochs=3"), cwd=tmp_path
+    )
+    assert short.returncode == 0, short.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3 * 8
+    continued = run_script(
+        "train.py",
+        [
+            f"resume={run_dir}",
+            "trainer.max_epochs=4",
+            f"paths.data_dir={data_dir}",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert_same_weights(
+        load(run_dir / "checkpoints" / "last.ckpt"),
+        load(uninterrupted / "checkpoints" / "last.ckpt"),
+        "after continuing from the end of epoch 3",
+    )
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

@@ -324,7 +324,9 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
         if not shuffle:
-            return DataLoader(dataset, **common)
+            # its own generator (for the workers' base seed): evaluation draws nothing from the
+            # global random state, which drives the training noise
+            return DataLoader(dataset, generator=torch.Generator().manual_seed(0), **common)
         seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
         sampler = EpochSampler(len(dataset), seed, layout=self._trainer_layout)
         self.train_loader = ResumableLoader(dataset, sampler=sampler, **common)

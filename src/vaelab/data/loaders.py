@@ -1,7 +1,11 @@
 """A training DataLoader that can resume in the middle of an epoch, exactly.
 
 The order of epoch e is a permutation drawn from (shuffle_seed, e) alone, never from the global
-random state, so it is the same in an interrupted and an uninterrupted run. The loader reports
+random state, so it is the same in an interrupted and an uninterrupted run. So is the base seed of
+the loader's worker processes: a DataLoader draws it from the global random state each time an
+epoch's iterator is made, and Lightning makes the first one of a resumed run before the
+checkpoint's random state is restored, so a run resumed from an epoch's end would start its next
+epoch one draw off the uninterrupted run (different binarisation and reparameterisation noise). The loader reports
 Lightning how many batches of the epoch the training loop has taken (`state_dict`), and on
 resume (`load_state_dict`) starts the epoch's permutation after them. Lightning stores this state
 in every checkpoint because the loader implements the `state_dict` / `load_state_dict` pair.
@@ -73,9 +77,11 @@ class ResumableLoader(DataLoader):
 
     `taken` counts the batches the training step has received this epoch; the DataModule
     increments it as batches reach the device, so batches Lightning merely prefetched are not
-    counted."""
+    counted. The workers' base seed comes from the loader's own generator, seeded from
+    (shuffle seed, epoch) at each epoch, not from the global random state."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(*args, **kwargs)
         self.taken = 0
 
@@ -86,6 +92,7 @@ class ResumableLoader(DataLoader):
             resuming = sampler.epoch == sampler.start_epoch
             self.taken = sampler.start // self.batch_size if resuming else 0
             self._epoch = sampler.epoch
+            self.generator.manual_seed((sampler.seed * 1_000_003 + sampler.epoch + 2**40) % 2**63)
         else:
             self.taken, self._epoch = 0, 0
         return super().__iter__()
