@@ -75,7 +75,11 @@ def test_unknown_key_is_refused(data_dir):
 
 @pytest.mark.parametrize(
     "model,likelihood,shape",
-    list(itertools.product(options("model"), options("likelihood"), [(1, 28, 28), (3, 32, 32)])),
+    list(
+        itertools.product(
+            options("model"), options("likelihood"), [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
+        )
+    ),
 )
 def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape):
     cfg = compose_train([f"model={model}", f"likelihood={likelihood}", "model.latent_dim=5"])

@@ -127,6 +127,7 @@ def build_module(
 ) -> VAEModule:
     model = build_model(cfg, datamodule.image_shape)
     likelihood = model.likelihood
+    datamodule.adapt_to(likelihood.accepts)
     pixel_model = datamodule.pixel_model
     if pixel_model not in likelihood.accepts:
         raise ConfigError(

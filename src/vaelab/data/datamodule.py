@@ -12,9 +12,11 @@ Binarisation (`binarize`):
   (on the device, per batch); validation and test images are binarised once with `binarize_seed`
   so evaluation numbers are deterministic.
 - `static`: every split binarised once with `binarize_seed`.
-- `none`: 8-bit intensities; with `dequantize` (default) x = (pixel + u) / 256, u ~ U(0, 1), so a
-  density on [0, 1] bounds the probability of the 8-bit image (Theis et al. 2016) and bits per
-  dimension are comparable with the literature; without it x = pixel / 255 and bpd is undefined.
+- `none`: 8-bit intensities; with `dequantize` x = (pixel + u) / 256, u ~ U(0, 1), so a density
+  on [0, 1] bounds the probability of the 8-bit image (Theis et al. 2016) and bits per dimension
+  are comparable with the literature; without it x = pixel / 255, the values a discretised
+  likelihood gives probabilities to (a density's bpd is undefined there). `auto` (default):
+  dequantised for a density, k / 255 for a likelihood over the 256 values (`adapt_to`).
 
 Data paths:
 - `in_memory=true` (default; MNIST-family splits are 47 MB): each split is one uint8 tensor. With
@@ -22,9 +24,14 @@ Data paths:
   only index batches, and a batch is one indexing operation on the device; with
   `device_cache=false` the batch is indexed on the CPU and copied each step. Either way
   binarisation / dequantisation run per batch on the device: no per-sample PIL or ToTensor.
-- `in_memory=false`: the source's per-sample dataset (one image read at a time; for the IDX
-  sources torchvision's, which needs the uncompressed files), for data that do not fit in
-  memory.
+- `in_memory=false`: the source's per-sample dataset (one image read at a time, in `num_workers`
+  worker processes; for the IDX sources torchvision's, which needs the uncompressed files), for
+  data that do not fit in memory (CelebA, a large image folder): nothing is read whole, the
+  validation split is carved from the indices, and the batches are those of the in-memory path
+  for the same seed.
+
+`root` names the dataset's own folder (default: found under `data_dir`); `image_size` asks the
+source for size x size images (CelebA and image folders resize; others accept their own size).
 Both are plain map-style datasets, so under DDP Lightning's DistributedSampler gives each process
 its own shard.
 """
@@ -62,7 +69,7 @@ class ImageDataModule(L.LightningDataModule):
         data_dir: str,
         batch_size: int = 128,
         binarize: str = "dynamic",
-        dequantize: bool = True,
+        dequantize: bool | str = "auto",
         val_size: int = 5000,
         split_seed: int = 0,
         binarize_seed: int = 0,
@@ -75,6 +82,8 @@ class ImageDataModule(L.LightningDataModule):
         noise_std: float = 0.3,
         noise_prob: float = 0.25,
         shuffle_seed: int | None = None,
+        root: str | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         require(
@@ -99,6 +108,15 @@ class ImageDataModule(L.LightningDataModule):
             f"data.source must be an image source (vaelab.data.sources.ImageSource), got "
             f"{source!r}",
         )
+        require(
+            dequantize in (True, False, "auto"),
+            f"data.dequantize must be true, false or auto; got {dequantize!r}",
+        )
+        if root is not None:
+            source.root = root
+        if image_size is not None:
+            require_int("data.image_size", image_size, 1)
+            source.resize(image_size)
         self.source = source
         self.image_shape = tuple(source.image_shape)
         self.data_dir = data_dir
@@ -140,6 +158,12 @@ class ImageDataModule(L.LightningDataModule):
             return "binary"
         return "dequantized" if self.dequantize else "discrete"
 
+    def adapt_to(self, accepts: tuple[str, ...]) -> None:
+        """Resolve `dequantize: auto` for a likelihood that accepts these pixel models:
+        dequantised values for a density, k / 255 for a likelihood over the 256 values."""
+        if self.dequantize == "auto":
+            self.dequantize = "dequantized" in accepts or "discrete" not in accepts
+
     @property
     def pixel_description(self) -> str:
         """How the numbers should be read; printed beside bits per dimension."""
@@ -164,6 +188,9 @@ class ImageDataModule(L.LightningDataModule):
         self.source.download(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
+        if not self.in_memory:
+            self._setup_per_sample(stage)
+            return
         if stage in ("fit", "validate", None) and "train" not in self.splits:
             if "val" in self.source.splits:  # the dataset's own validation split
                 self._load("train")
@@ -173,12 +200,43 @@ class ImageDataModule(L.LightningDataModule):
         if stage in ("test", None) and "test" not in self.splits:
             self._load("test")
         if "train" in self.splits:
-            n_train = len(self.splits["train"])
-            require(
-                self.batch_size <= n_train,
-                f"data.batch_size={self.batch_size} is larger than the training split "
-                f"({n_train} images)",
-            )
+            self._check_batch_size(len(self.splits["train"]))
+
+    def _setup_per_sample(self, stage: str | None) -> None:
+        """in_memory=false: the splits as per-sample datasets; nothing is read whole, the
+        validation split is carved from the indices exactly as the in-memory path carves it."""
+        if stage in ("fit", "validate", None) and "train" not in self.per_sample:
+            if "val" in self.source.splits:
+                for split in ("train", "val"):
+                    n = len(self.source.per_sample(self.data_dir, split))
+                    self.per_sample[split] = self._per_sample(split, torch.arange(n), split)
+            else:
+                n = len(self.source.per_sample(self.data_dir, "train"))
+                val, train = self._validation_indices(n)
+                self.per_sample["train"] = self._per_sample("train", train, "train")
+                self.per_sample["val"] = self._per_sample("train", val, "val")
+        if stage in ("test", None) and "test" not in self.per_sample:
+            n = len(self.source.per_sample(self.data_dir, "test"))
+            self.per_sample["test"] = self._per_sample("test", torch.arange(n), "test")
+        if "train" in self.per_sample:
+            self._check_batch_size(len(self.per_sample["train"]))
+
+    def _check_batch_size(self, n_train: int) -> None:
+        require(
+            self.batch_size <= n_train,
+            f"data.batch_size={self.batch_size} is larger than the training split "
+            f"({n_train} images)",
+        )
+
+    def _validation_indices(self, n: int) -> tuple[Tensor, Tensor]:
+        """(validation, training) indices of a training set of n images, seeded by split_seed."""
+        require(
+            self.val_size < n,
+            f"data.val_size={self.val_size} leaves no training images "
+            f"({n} in the {self.name} training set)",
+        )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        return order[: self.val_size], order[self.val_size :]
 
     def _read(self, split: str) -> tuple[Tensor, Tensor]:
         images, labels = self.source.read(self.data_dir, split)
@@ -193,25 +251,12 @@ class ImageDataModule(L.LightningDataModule):
         """A split the source holds as it is (test; train and val when it has both)."""
         images, labels = self._read(split)
         self.splits[split] = self._pixels(images, labels, split)
-        if not self.in_memory:
-            self.per_sample[split] = self._per_sample(split, torch.arange(len(images)), split)
 
     def _carve_validation(self) -> None:
         images, labels = self._read("train")
-        require(
-            self.val_size < len(images),
-            f"data.val_size={self.val_size} leaves no training images "
-            f"({len(images)} in the {self.name} training set)",
-        )
-        order = torch.randperm(
-            len(images), generator=torch.Generator().manual_seed(self.split_seed)
-        )
-        val, train = order[: self.val_size], order[self.val_size :]
+        val, train = self._validation_indices(len(images))
         self.splits["train"] = self._pixels(images[train], labels[train], "train")
         self.splits["val"] = self._pixels(images[val], labels[val], "val")
-        if not self.in_memory:
-            self.per_sample["train"] = self._per_sample("train", train, "train")
-            self.per_sample["val"] = self._per_sample("train", val, "val")
 
     def _binarised_once(self, split: str) -> bool:
         return self.binarize == "static" or (self.binarize == "dynamic" and split != "train")

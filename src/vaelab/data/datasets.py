@@ -39,8 +39,8 @@ def find_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def missing_files(data_dir: str | Path, name: str) -> list[str]:
-    folder = raw_folder(data_dir, name)
+def missing_files(data_dir: str | Path, name: str, folder: Path | None = None) -> list[str]:
+    folder = folder or raw_folder(data_dir, name)
     stems = SPLIT_FILES[True] + SPLIT_FILES[False]
     return [stem for stem in stems if find_file(folder, stem) is None]
 
@@ -75,10 +75,15 @@ def read_idx(path: Path, ndim: int) -> Tensor:
 
 
 def load_split(
-    data_dir: str | Path, name: str, train: bool, image_size: tuple[int, int]
+    data_dir: str | Path,
+    name: str,
+    train: bool,
+    image_size: tuple[int, int],
+    folder: Path | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(images (N, 1, H, W) uint8, labels (N,) int64) of one split."""
-    folder = raw_folder(data_dir, name)
+    """(images (N, 1, H, W) uint8, labels (N,) int64) of one split, from `folder` (default
+    <data_dir>/<name>/raw)."""
+    folder = folder or raw_folder(data_dir, name)
     image_stem, label_stem = SPLIT_FILES[train]
     image_path, label_path = find_file(folder, image_stem), find_file(folder, label_stem)
     if image_path is None or label_path is None:

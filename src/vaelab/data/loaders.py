@@ -5,10 +5,11 @@ random state, so it is the same in an interrupted and an uninterrupted run. So i
 the loader's worker processes: a DataLoader draws it from the global random state each time an
 epoch's iterator is made, and Lightning makes the first one of a resumed run before the
 checkpoint's random state is restored, so a run resumed from an epoch's end would start its next
-epoch one draw off the uninterrupted run (different binarisation and reparameterisation noise). The loader reports
-Lightning how many batches of the epoch the training loop has taken (`state_dict`), and on
-resume (`load_state_dict`) starts the epoch's permutation after them. Lightning stores this state
-in every checkpoint because the loader implements the `state_dict` / `load_state_dict` pair.
+epoch one draw off the uninterrupted run (different binarisation and reparameterisation noise).
+The loader reports Lightning how many batches of the epoch the training loop has taken
+(`state_dict`), and on resume (`load_state_dict`) starts the epoch's permutation after them.
+Lightning stores this state in every checkpoint because the loader implements the
+`state_dict` / `load_state_dict` pair.
 """
 
 from __future__ import annotations

@@ -25,15 +25,36 @@ from vaelab.errors import DataError
 class ImageSource:
     """Base class. `name` names the dataset in messages and file paths; `image_shape` is
     (C, H, W) of every image; `splits` are the splits the files hold ("train", "test"; a
-    "val" split is carved from train by the DataModule unless the source has one)."""
+    "val" split is carved from train by the DataModule unless the source has one).
+
+    `root` (the DataModule's `data.root`) is the dataset's own folder when the user names it;
+    otherwise `folder(data_dir)` finds it under the data root (`default_folder`). `resize(size)`
+    (the DataModule's `data.image_size`) asks for size x size images: a source of fixed-size
+    files accepts only its own size; one that resizes (CelebA, image folders) overrides it."""
 
     name: ClassVar[str]
     image_shape: tuple[int, int, int]
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
+    root: Path | None = None
 
-    def folder(self, data_dir: str | Path) -> Path:
+    def default_folder(self, data_dir: str | Path) -> Path:
         """Where this dataset's files live under the data root."""
         return Path(data_dir).expanduser().resolve() / self.name
+
+    def folder(self, data_dir: str | Path) -> Path:
+        """The folder the files are read from: `root` when set, else under the data root."""
+        if self.root is not None:
+            return Path(self.root).expanduser().resolve()
+        return self.default_folder(data_dir)
+
+    def resize(self, size: int) -> None:
+        """Serve size x size images (the DataModule's `data.image_size`)."""
+        _, h, w = self.image_shape
+        if (h, w) != (size, size):
+            raise DataError(
+                f"data.image_size={size}: {self.name} images are {h}x{w} and this source does "
+                f"not resize them (celeba and image_folder do); leave data.image_size null"
+            )
 
     def missing(self, data_dir: str | Path) -> list[str]:
         """Names of the files that are absent (empty: ready to read)."""
@@ -64,11 +85,11 @@ class IDXSource(ImageSource):
     torchvision_class: ClassVar[type[torchvision.datasets.MNIST]]
     image_shape = (1, 28, 28)
 
-    def folder(self, data_dir: str | Path) -> Path:
+    def default_folder(self, data_dir: str | Path) -> Path:
         return raw_folder(data_dir, self.name)
 
     def missing(self, data_dir: str | Path) -> list[str]:
-        return missing_files(data_dir, self.name)
+        return missing_files(data_dir, self.name, self.folder(data_dir))
 
     def download(self, data_dir: str | Path) -> None:
         folder = self.folder(data_dir)
@@ -84,7 +105,9 @@ class IDXSource(ImageSource):
             ) from e
 
     def read(self, data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
-        return load_split(data_dir, self.name, split == "train", self.image_shape[1:])
+        return load_split(
+            data_dir, self.name, split == "train", self.image_shape[1:], self.folder(data_dir)
+        )
 
     def per_sample(self, data_dir: str | Path, split: str) -> torch.utils.data.Dataset:
         """torchvision's dataset (one PIL image at a time); it needs the uncompressed files."""

@@ -2,5 +2,13 @@
 
 from vaelab.nets.decoders import ConvDecoder, MLPDecoder
 from vaelab.nets.encoders import ConvEncoder, MLPEncoder
+from vaelab.nets.resnet import ResNetDecoder, ResNetEncoder
 
-__all__ = ["ConvDecoder", "ConvEncoder", "MLPDecoder", "MLPEncoder"]
+__all__ = [
+    "ConvDecoder",
+    "ConvEncoder",
+    "MLPDecoder",
+    "MLPEncoder",
+    "ResNetDecoder",
+    "ResNetEncoder",
+]
