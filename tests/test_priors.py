@@ -192,7 +192,10 @@ def test_each_prior_trains_and_evaluates_end_to_end(prior, latent_dim, data_dir,
         overrides.append("prior.n_components=16")
     cfg = compose_train(overrides, output_dir=tmp_path / "run")
     metrics = train_module.run(cfg)
-    assert math.isfinite(metrics["val/elbo"]) and metrics["val/rate"] > 0
+    assert math.isfinite(metrics["val/elbo"])
+    # A mixture prior has no closed-form KL: the rate is a one-sample Monte-Carlo estimate, which
+    # can fall just below zero where q(z|x) has collapsed onto the prior (as on random fake data).
+    assert metrics["val/rate"] > -0.05
     eval_cfg = compose_evaluate(
         [f"run={tmp_path / 'run'}", f"paths.data_dir={data_dir}", "eval.k=20"],
         output_dir=tmp_path / "evaluation",

@@ -137,7 +137,10 @@ def evaluate_run(
         "device": str(device),
         "objective": repr(module.objective),
         "denoising": datamodule.noise if datamodule.noise != "none" else None,
-        "pixel_model": f"{datamodule.pixel_description}; {bpd_protocol(module.bpd_offset)}",
+        "pixel_model": (
+            f"{datamodule.pixel_description}; "
+            f"{bpd_protocol(module.bpd_offset, datamodule.pixel_model)}"
+        ),
         "units": "nats per example; bpd in bits per dimension (from nll_is); mse per pixel",
         "metrics": metrics,
         **per_dim,
@@ -196,13 +199,15 @@ def step_metrics(
     return metrics
 
 
-def bpd_protocol(bpd_offset: float | None) -> str:
+def bpd_protocol(bpd_offset: float | None, pixel_model: str = "binary") -> str:
     """How bits per dimension follow from the NLL for this likelihood and pixel model."""
     if bpd_offset is None:
         return "bpd undefined (a density on values that are not dequantised)"
+    if bpd_offset == 0 and pixel_model == "discrete":
+        return "bpd = nll / (D ln 2), a discretised likelihood: probabilities of the 256 values"
     if bpd_offset == 0:
         return "bpd = nll / (D ln 2)"
-    return "bpd = (nll / D + ln 256) / ln 2"
+    return "bpd = (nll / D + ln 256) / ln 2, a density on dequantised values (Theis et al. 2016)"
 
 
 def pick_device(accelerator: str) -> torch.device:
