@@ -41,6 +41,15 @@ from helpers.runs import (
         ("trainer.max_time=abc", ["trainer:", "duration='abc'", "DD:HH:MM:SS"]),
         ("seed=abc", ["seed must be an integer", "'abc'"]),
         ("model.encoder.activation=foo", ["activation", "torch.nn.Tanh", "'foo'"]),
+        (
+            "model=resnet model.encoder.channels=[12,24] model.encoder.groups=8",
+            ["ResNetEncoder", "divisible by groups=8", "[12, 24]"],
+        ),
+        ("model=resnet model.encoder.norm=batch", ["ResNetEncoder norm", "group, none", "'batch'"]),
+        (
+            "model=resnet model.encoder.channels=[8,8,8,8]",
+            ["ResNetEncoder", "divisible by 8", "1x28x28", "len(channels) - 1"],
+        ),
     ],
 )
 def test_bad_value_is_one_line(override, fragments, data_dir, tmp_path):

@@ -95,14 +95,17 @@ class ConvEncoder(nn.Module):
         return self.net(x)
 
 
-def check_conv_shape(shape: Sequence[int], n_layers: int) -> tuple[int, int, int]:
+def check_conv_shape(
+    shape: Sequence[int], n_layers: int, owner: str = "conv model", hint: str = ""
+) -> tuple[int, int, int]:
     """(C, H, W) if H and W survive n_layers halvings exactly, else a ConfigError."""
-    require(len(shape) == 3, f"conv model needs images shaped (C, H, W), got {tuple(shape)}")
+    require(len(shape) == 3, f"{owner} needs images shaped (C, H, W), got {tuple(shape)}")
     c, h, w = (int(s) for s in shape)
     scale = 2**n_layers
+    hint = hint or "e.g. 28x28 or 32x32 work with 2 layers"
     require(
         h % scale == 0 and w % scale == 0 and h >= scale and w >= scale,
-        f"conv model with {n_layers} stride-2 layers needs image height and width divisible by "
-        f"{scale}, got {c}x{h}x{w} (e.g. 28x28 or 32x32 work with 2 layers)",
+        f"{owner} with {n_layers} stride-2 layers needs image height and width divisible by "
+        f"{scale}, got {c}x{h}x{w} ({hint})",
     )
     return c, h, w

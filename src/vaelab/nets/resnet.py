@@ -20,6 +20,7 @@ from vaelab.errors import require
 from vaelab.nets.encoders import Activation, check_activation, check_conv_shape, check_sizes
 
 NORMS = ("group", "none")
+RESNET_HINT = "len(channels) - 1 halvings: e.g. 3 widths for 28x28 or 32x32, 4 for 64x64"
 
 
 def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
@@ -88,7 +89,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         owner = type(self).__name__
         channels = check_resnet(owner, channels, blocks_per_stage, norm, groups, activation)
-        c, h, w = check_conv_shape(in_shape, len(channels) - 1)
+        c, h, w = check_conv_shape(in_shape, len(channels) - 1, owner, RESNET_HINT)
         layers: list[nn.Module] = [nn.Conv2d(c, channels[0], 3, padding=1)]
         for i, width in enumerate(channels):
             if i > 0:
@@ -121,7 +122,7 @@ class ResNetDecoder(nn.Module):
         super().__init__()
         owner = type(self).__name__
         channels = check_resnet(owner, channels, blocks_per_stage, norm, groups, activation)
-        c_out, h, w = check_conv_shape(out_shape, len(channels) - 1)
+        c_out, h, w = check_conv_shape(out_shape, len(channels) - 1, owner, RESNET_HINT)
         scale = 2 ** (len(channels) - 1)
         self.start = (channels[-1], h // scale, w // scale)
         self.project = nn.Linear(latent_dim, prod(self.start))
