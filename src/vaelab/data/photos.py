@@ -105,7 +105,26 @@ def decode(path: Path, mode: str, size: int, crop: int | None) -> Tensor:
     return TF.pil_to_tensor(image)
 
 
-class CIFAR10(ImageSource):
+class OfficialFiles(ImageSource):
+    """A small source read whole from official files that torchvision records the md5 of
+    (checked unless `verify=false`); its per-sample view indexes the images held in memory."""
+
+    verify: bool = True
+
+    def official_file(self, data_dir, name: str, md5: str) -> Path:
+        """The path of one of the source's files, there and (if verify) with its official md5."""
+        path = self.folder(data_dir) / name
+        if not path.is_file():
+            raise DataError(f"{self.name} file missing: {path}")
+        if self.verify:
+            check_md5(path, md5)
+        return path
+
+    def per_sample(self, data_dir, split: str) -> torch.utils.data.Dataset:
+        return TensorSamples(*self.read(data_dir, split))
+
+
+class CIFAR10(OfficialFiles):
     """Krizhevsky (2009): 50,000 training and 10,000 test 32x32 colour images of 10 classes, in
     torchvision's `cifar-10-batches-py/` (the official python pickles), md5-checked against
     torchvision's record of the official files unless `verify=false` (the check is also what
@@ -148,11 +167,7 @@ class CIFAR10(ImageSource):
     def read(self, data_dir, split: str) -> tuple[Tensor, Tensor]:
         images, labels = [], []
         for name, md5 in self.files(split):
-            path = self.folder(data_dir) / name
-            if not path.is_file():
-                raise DataError(f"{self.name} file missing: {path}")
-            if self.verify:
-                check_md5(path, md5)
+            path = self.official_file(data_dir, name, md5)
             try:
                 with open(path, "rb") as f:
                     entry = pickle.load(f, encoding="latin1")
@@ -171,14 +186,11 @@ class CIFAR10(ImageSource):
             labels.append(label.long())
         return torch.cat(images), torch.cat(labels)
 
-    def per_sample(self, data_dir, split: str) -> torch.utils.data.Dataset:
-        return TensorSamples(*self.read(data_dir, split))  # 150 MB: read whole either way
-
     def __repr__(self) -> str:
         return f"CIFAR10(verify={self.verify})"
 
 
-class SVHN(ImageSource):
+class SVHN(OfficialFiles):
     """Netzer et al. (2011) street-view house numbers: 73,257 training and 26,032 test 32x32
     colour digits (`extra=true` adds the 531,131 easier `extra` images to training), from
     torchvision's `train_32x32.mat`, `test_32x32.mat` (and `extra_32x32.mat`) in `<data
@@ -213,12 +225,7 @@ class SVHN(ImageSource):
 
         images, labels = [], []
         for part in self.parts(split):
-            _, name, md5 = torchvision.datasets.SVHN.split_list[part]
-            path = self.folder(data_dir) / name
-            if not path.is_file():
-                raise DataError(f"{self.name} file missing: {path}")
-            if self.verify:
-                check_md5(path, md5)
+            path = self.official_file(data_dir, *torchvision.datasets.SVHN.split_list[part][1:])
             try:
                 mat = scipy.io.loadmat(str(path))
                 x, y = mat["X"], mat["y"]
@@ -243,9 +250,6 @@ class SVHN(ImageSource):
             label = torch.from_numpy(y.reshape(-1).astype("int64"))
             labels.append(torch.where(label == 10, 0, label))
         return torch.cat(images), torch.cat(labels)
-
-    def per_sample(self, data_dir, split: str) -> torch.utils.data.Dataset:
-        return TensorSamples(*self.read(data_dir, split))
 
     def __repr__(self) -> str:
         return f"SVHN(extra={self.extra}, verify={self.verify})"
