@@ -7,7 +7,13 @@ import math
 
 import pytest
 import torch
-from helpers.models import binary_batch, constant_vae, small_vae
+from helpers.models import (
+    approximate_posterior_vae,
+    binary_batch,
+    constant_vae,
+    linear_data,
+    small_vae,
+)
 from helpers.runs import compose_train, tiny
 
 from vaelab.build import build_datamodule, build_module, build_objective
@@ -171,3 +177,84 @@ def test_objective_configs_keep_their_interpolations():
     its root (found in review: `${trainer.max_steps}` failed to resolve)."""
     cfg = compose_train(["objective.kl_warmup_steps=${trainer.max_epochs}"])
     assert build_objective(cfg).schedule.warmup_steps == cfg.trainer.max_epochs
+
+
+def encoder_and_decoder_gradients(vae, objective, x, seed):
+    vae.zero_grad()
+    torch.manual_seed(seed)
+    out = objective(vae, x)
+    out["loss"].backward()
+    encoder = torch.cat([p.grad.flatten() for p in vae.encoder.parameters()])
+    decoder = torch.cat([p.grad.flatten() for p in vae.decoder.parameters()])
+    return out, encoder, decoder
+
+
+@pytest.mark.parametrize(
+    "make", [lambda e: IWAE(k=8, estimator=e), lambda e: ELBO(n_samples=4, estimator=e)]
+)
+def test_dreg_keeps_the_bound_and_the_decoder_gradient(make):
+    """The same draws give the same loss, parts and model gradient; only the inference
+    network's gradient changes."""
+    vae, weight, bias = approximate_posterior_vae()
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    x = linear_data(weight, bias)
+    standard, enc_standard, dec_standard = encoder_and_decoder_gradients(
+        vae, make("standard"), x, 3
+    )
+    dreg, enc_dreg, dec_dreg = encoder_and_decoder_gradients(vae, make("dreg"), x, 3)
+    for key in standard:
+        torch.testing.assert_close(dreg[key], standard[key])
+    torch.testing.assert_close(dec_dreg, dec_standard)
+    assert not torch.allclose(enc_dreg, enc_standard)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda e: IWAE(k=10, estimator=e), lambda e: ELBO(n_samples=10, estimator=e)]
+)
+def test_dreg_gradient_vanishes_at_the_exact_posterior(make):
+    """At q = p(z|x), log w = log p(x) for every draw: the path derivative is exactly zero, while
+    the standard estimator's score-function term is noise around zero."""
+    vae, weight, bias = approximate_posterior_vae(shift=0.0, variance_factor=1.0)
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    x = linear_data(weight, bias)
+    _, enc_dreg, _ = encoder_and_decoder_gradients(vae, make("dreg"), x, 0)
+    _, enc_standard, _ = encoder_and_decoder_gradients(vae, make("standard"), x, 0)
+    assert enc_dreg.abs().max() < 1e-9
+    assert enc_standard.abs().max() > 1e-3
+
+
+def test_dreg_is_unbiased_with_less_variance_than_the_standard_iwae_gradient():
+    """Near the posterior (linear Gaussian model, k=50): over 300 draws each, the two encoder
+    gradients agree in mean (within 5 standard errors of the difference), and DReG's total
+    variance is under a quarter of the standard one's (the measured ratio is far smaller, and
+    its sampling error at 300 draws is a few per cent)."""
+    vae, weight, bias = approximate_posterior_vae(shift=0.2, variance_factor=1.3)
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    x = linear_data(weight, bias)
+    draws = {}
+    for estimator in ("standard", "dreg"):
+        objective = IWAE(k=50, estimator=estimator)
+        draws[estimator] = torch.stack(
+            [encoder_and_decoder_gradients(vae, objective, x, s)[1] for s in range(300)]
+        )
+    mean_s, mean_d = draws["standard"].mean(0), draws["dreg"].mean(0)
+    var_s, var_d = draws["standard"].var(0), draws["dreg"].var(0)
+    standard_error = ((var_s + var_d) / 300).sqrt()
+    assert ((mean_s - mean_d).abs() <= 5 * standard_error + 1e-9).all()
+    assert var_d.sum() < 0.25 * var_s.sum()
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: IWAE(estimator="reinforce"), "objective.estimator"),
+        (lambda: ELBO(estimator="stl"), "objective.estimator"),
+        (lambda: ELBO(estimator="dreg", free_bits=0.5), "free_bits=0"),
+    ],
+)
+def test_estimator_errors_name_the_value(build, match):
+    with pytest.raises(ConfigError, match=match):
+        build()

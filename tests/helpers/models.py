@@ -146,14 +146,19 @@ def linear_data(weight: Tensor, bias: Tensor, n: int = 8) -> Tensor:
     return x.view(n, 1, 1, D)
 
 
-def approximate_posterior_vae():
+def approximate_posterior_vae(shift: float = 0.5, variance_factor: float = 2.0):
     """The linear Gaussian model with an encoder near, but not at, the exact posterior: means
-    shifted by 0.5 and variances doubled, so log p(x) - ELBO is a few nats."""
+    shifted by 0.5 and variances doubled, so log p(x) - ELBO is a few nats. shift=0 and
+    variance_factor=1: the exact posterior."""
     weight, bias, scales = linear_gaussian_model()
     D = weight.shape[0]
     m_diag = scales**2 + SIGMA**2
     enc_weight = torch.cat([weight.T / m_diag[:, None], torch.zeros(LATENT, D).double()])
-    enc_bias = torch.cat([-(weight.T @ bias) / m_diag + 0.5, torch.log(2 * SIGMA**2 / m_diag)])
+    log_var = torch.log(variance_factor * SIGMA**2 / m_diag)
+    low = VAE.min_log_var  # the encoder's output goes through the soft floor: invert it
+    enc_bias = torch.cat(
+        [-(weight.T @ bias) / m_diag + shift, low + torch.log(torch.expm1(log_var - low))]
+    )
     return linear_vae(LinearEncoder(enc_weight, enc_bias), weight, bias), weight, bias
 
 
