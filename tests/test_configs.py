@@ -84,13 +84,15 @@ def test_unknown_key_is_refused(data_dir):
     ),
 )
 def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape):
-    cfg = compose_train([f"model={model}", f"likelihood={likelihood}", "model.latent_dim=5"])
+    # one latent of 5 dimensions; the hierarchical model: z1 of 5 and z2 of 3 (a code of 8)
+    sizes, code = ("model.latent_dims=[5,3]", 8) if model == "hvae" else ("model.latent_dim=5", 5)
+    cfg = compose_train([f"model={model}", f"likelihood={likelihood}", sizes])
     vae = build_model(cfg, shape)
     x = torch.rand(3, *shape)
     if vae.likelihood.accepts == ("binary",):
         x = x.round()
     q = vae.posterior(x)
-    assert q.batch_shape == (3,) and q.event_shape == (5,)
+    assert q.batch_shape == (3,) and q.event_shape == (code,)
     z = q.rsample((2,))  # (L, B, latent_dim)
     p = vae.decode(z)
     assert p.batch_shape == (2, 3) and p.event_shape == shape

@@ -131,11 +131,41 @@ def test_burda_presets_match_the_paper(preset, k):
         assert compose_train([f"experiment={preset}", "objective.k=5"]).objective.k == 5
 
 
+@pytest.mark.parametrize(
+    "preset,k", [("burda2015_vae_2layer", None), ("burda2015_iwae_2layer", 50)]
+)
+def test_two_layer_burda_presets_match_the_paper(preset, k):
+    """Section 5: x -> 200-200 -> z1 (100) -> 100-100 -> z2 (50), tanh, the same training."""
+    cfg = compose_train([f"experiment={preset}"])
+    one_layer = compose_train(["experiment=burda2015_vae"])
+    assert cfg.model._target_ == "vaelab.models.HierarchicalVAE"
+    assert list(cfg.model.latent_dims) == [100, 50] and list(cfg.model.hidden_dims) == [100, 100]
+    assert cfg.model.encoder.hidden_dims == [200, 200]
+    assert cfg.model.decoder.hidden_dims == [200, 200]
+    for part in (cfg.model.activation, cfg.model.encoder.activation, cfg.model.decoder.activation):
+        assert part._target_ == "torch.nn.Tanh"
+    for key in ("data", "optimizer", "trainer", "final_evaluation"):
+        assert cfg[key] == one_layer[key]
+    assert cfg.hydra.runtime.choices.scheduler == "burda_stages"
+    assert cfg.objective.get("k") == k
+
+
+def test_cpu_budget_presets_differ_only_in_the_model():
+    one, two = (
+        compose_train([f"experiment={p}"]) for p in ("mnist_cpu_budget", "mnist_cpu_budget_2layer")
+    )
+    for key in ("data", "objective", "optimizer", "scheduler", "trainer", "final_evaluation"):
+        assert one[key] == two[key], key
+    assert two.model._target_ == "vaelab.models.HierarchicalVAE"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["burda2015_vae", "burda2015_iwae", "mnist_cpu_budget"])
+@pytest.mark.parametrize(
+    "preset", ["burda2015_vae", "burda2015_iwae", "mnist_cpu_budget", "burda2015_iwae_2layer"]
+)
 def test_presets_run_and_end_with_the_test_nll(preset, data_dir, tmp_path):
     args = [
-        *tiny(data_dir),
+        *[o for o in tiny(data_dir) if "2layer" not in preset or "latent_dim=" not in o],
         f"paths.log_dir={tmp_path / 'logs'}",
         f"experiment={preset}",
         "trainer.max_epochs=2",

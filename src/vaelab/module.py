@@ -4,8 +4,10 @@ It receives built objects (Hydra instantiates them): the model, the objective, a
 scheduler factories (`_partial_: true`). One shared step serves every stage and logs
 `{stage}/loss`, `{stage}/elbo`, `{stage}/rate`, `{stage}/distortion` in nats per example, and
 `{stage}/bpd` (bits per dimension) where the likelihood and the data's pixel model define it,
-plus what the objective adds (`train/beta` for KL schedules, `{stage}/iwae` for IWAE). An
-objective without an ELBO (the plain autoencoder) logs only its loss and distortion.
+plus what the objective adds (`train/beta` for KL schedules, `{stage}/iwae` for IWAE), and for
+a model with several stochastic layers `val/rate_z1`, `val/rate_z2`, ... (on their own draws;
+their sum estimates the rate). An objective without an ELBO (the plain autoencoder) logs only
+its loss and distortion.
 
 The module is the step and the optimizer; the NaN guard, the refusal to save non-finite weights
 and the random-state bookkeeping of evaluation and resume are callbacks
@@ -69,6 +71,9 @@ class VAEModule(L.LightningModule):
         parts = self.objective(
             self.model, inputs, targets, step=self.global_step if training else None
         )
+        if not training and "rate" in parts:  # a hierarchical model: which layers carry codes
+            for name, value in self.model.layer_rates(inputs).items():
+                parts[f"rate_{name}"] = value
         # Training curves are per step, logged only on the steps the logger writes
         # (trainer.log_every_n_steps): a self.log call costs more Python than a small VAE's
         # step. `logged_step` tells the progress bar when there are new values to show.

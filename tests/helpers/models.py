@@ -173,3 +173,86 @@ def replay_draws(vae, z: torch.Tensor) -> None:
 
     original = vae.posterior
     vae.posterior = lambda inputs: Replay(original(inputs).base_dist, 1)
+
+
+# --- a two-layer linear Gaussian chain: p(z2) p(z1|z2) p(x|z1), all closed forms -------------
+CHAIN_S1 = 0.7  # noise scale of p(z1 | z2)
+CHAIN_A = torch.tensor([1.2, 0.8, 1.5], dtype=torch.float64)  # p(z1|z2) mean: A z2 + a, A diagonal
+CHAIN_OFFSET = torch.tensor([0.3, -0.5, 0.1], dtype=torch.float64)
+
+
+def set_gaussian_layer(layer: nn.Module, weight: Tensor, bias: Tensor, log_var: Tensor) -> None:
+    """A GaussianLayer without hidden layers (one Linear): mean weight @ z + bias, a constant
+    log-variance (through the log-variance soft floor, inverted here)."""
+    (linear,) = layer.net
+    d_out, d_in = weight.shape
+    low = VAE.min_log_var
+    with torch.no_grad():
+        linear.weight.copy_(torch.cat([weight, torch.zeros(d_out, d_in, dtype=weight.dtype)]))
+        linear.bias.copy_(torch.cat([bias, low + torch.log(torch.expm1(log_var - low))]))
+
+
+def linear_chain(shift: float = 0.0, variance_factor: float = 1.0):
+    """HierarchicalVAE with z1, z2 of LATENT dims each, x of D dims, every map linear:
+    z2 ~ N(0, I), z1 | z2 ~ N(A z2 + a, s1^2 I), x | z1 ~ N(W z1 + b, sigma^2 I), with W^T W
+    and A diagonal, so the exact posterior p(z1|x) p(z2|z1) is a chain of diagonal Gaussians
+    the model can represent. The encoder is that posterior with its means shifted by `shift`
+    and its variances times `variance_factor` (0 and 1: exact). Returns (model, exact log p(x)
+    as a function of x)."""
+    from vaelab.models import HierarchicalVAE
+
+    weight, bias, scales = linear_gaussian_model()
+    prior_var_z1 = CHAIN_A**2 + CHAIN_S1**2  # p(z1) = N(a, diag(A^2 + s1^2))
+    model = HierarchicalVAE(
+        image_shape=(1, 1, D),
+        likelihood=GaussianFixed(SIGMA),
+        prior=StandardNormal,
+        encoder=lambda **sizes: LinearEncoder(
+            torch.zeros(2 * LATENT, D, dtype=torch.float64), torch.zeros(2 * LATENT).double()
+        ),
+        decoder=built(LinearDecoder(weight, bias)),
+        latent_dims=(LATENT, LATENT),
+        hidden_dims=(),
+    ).double()
+    # q(z1|x) = p(z1|x): precision 1/prior_var + s^2/sigma^2 (W^T W = diag(s^2))
+    post_var = 1 / (1 / prior_var_z1 + scales**2 / SIGMA**2)
+    enc_weight = post_var[:, None] * weight.T / SIGMA**2
+    enc_mean_bias = post_var * (CHAIN_OFFSET / prior_var_z1 - weight.T @ bias / SIGMA**2)
+    low = VAE.min_log_var
+    log_var = torch.log(variance_factor * post_var)
+    encoder = model.encoder.linear
+    with torch.no_grad():
+        encoder.weight.copy_(torch.cat([enc_weight, torch.zeros(LATENT, D).double()]))
+        encoder.bias.copy_(
+            torch.cat([enc_mean_bias + shift, low + torch.log(torch.expm1(log_var - low))])
+        )
+    # q(z2|z1) = p(z2|z1) = N(A (z1 - a) / (A^2 + s1^2), s1^2 / (A^2 + s1^2))
+    set_gaussian_layer(
+        model.up[0],
+        torch.diag(CHAIN_A / prior_var_z1),
+        -CHAIN_A * CHAIN_OFFSET / prior_var_z1 + shift,
+        torch.log(variance_factor * CHAIN_S1**2 / prior_var_z1),
+    )
+    # p(z1|z2) = N(A z2 + a, s1^2)
+    set_gaussian_layer(
+        model.down[0],
+        torch.diag(CHAIN_A),
+        CHAIN_OFFSET,
+        torch.log(torch.full((LATENT,), CHAIN_S1**2, dtype=torch.float64)),
+    )
+    mean = weight @ CHAIN_OFFSET + bias
+    covariance = weight @ torch.diag(prior_var_z1) @ weight.T + SIGMA**2 * torch.eye(D).double()
+
+    def log_marginal(x: Tensor) -> Tensor:
+        return MultivariateNormal(mean, covariance).log_prob(x.flatten(1))
+
+    return model, log_marginal
+
+
+def chain_data(n: int = 8) -> Tensor:
+    weight, bias, _ = linear_gaussian_model()
+    g = generator(2)
+    z2 = torch.randn(n, LATENT, generator=g, dtype=torch.float64)
+    z1 = z2 * CHAIN_A + CHAIN_OFFSET + CHAIN_S1 * torch.randn(n, LATENT, generator=g).double()
+    x = z1 @ weight.T + bias + SIGMA * torch.randn(n, D, generator=g, dtype=torch.float64)
+    return x.view(n, 1, 1, D)

@@ -13,8 +13,8 @@ distributions (torch.distributions objects, one event per example) and a few der
 - `log_weights(x, z, q, p)`: log p(x, z) - log q(z|x), the importance weights of IWAE and of the
   importance-sampled log-likelihood;
 - `sample(n)`, `reconstruct(x)`, `representation(q)` (the code a picture or a diagnostic uses:
-  the posterior mean, (B, D)), and `latent_parts` (name -> event shape, one per stochastic
-  layer).
+  the posterior mean, (B, D)), `latent_parts` (name -> event shape, one per stochastic
+  layer) and `layer_rates(x)` (the rate of each layer, for models with several).
 
 Nothing outside a model assumes one Gaussian latent or a closed-form KL: a new family subclasses
 `LatentVariableModel` and overrides what differs.
@@ -76,6 +76,11 @@ class LatentVariableModel(nn.Module):
 
     def rate_per_dim(self, q: Distribution, p: Distribution) -> Tensor | None:
         return rate_per_dim(q, p)
+
+    def layer_rates(self, x: Tensor, n_samples: int = 1) -> dict[str, Tensor]:
+        """Rate per stochastic layer (name -> (B,)) for models with more than one; empty for
+        a model with one latent (its rate is the objective's `rate`)."""
+        return {}
 
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x|z) for codes z (*S, B, ...): shape (*S, B)."""
