@@ -145,6 +145,10 @@ def evaluate_run(
         "metrics": metrics,
         **per_dim,
     }
+    if model.conditional:
+        report["conditional"] = (
+            "given each example's label y: nll_is, elbo and bpd are -log p(x|y) and its bounds"
+        )
     if not probabilistic:
         report["nll_is"] = (
             f"undefined: {module.objective!r} is a deterministic autoencoder with no density "
@@ -233,7 +237,12 @@ def draw(
     examples, inputs = results.cat("examples"), results.cat("example_inputs")
     device = next(model.parameters()).device
     grids = pictures.image_grids(
-        model, inputs[:16].to(device), kl_order, seed=seed, targets=examples[:16].to(device)
+        model,
+        inputs[:16].to(device),
+        kl_order,
+        seed=seed,
+        targets=examples[:16].to(device),
+        labels=results.cat("labels")[:16],
     )
     for name, image in grids.items():
         torchvision.utils.save_image(image, out_dir / f"{name}.png")
@@ -265,6 +274,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"checkpoint: {report['checkpoint']}",
         f"objective: {report['objective']}",
         f"data: {report['pixel_model']}",
+        *([f"conditional: {report['conditional']}"] if "conditional" in report else []),
         f"nll_is: {report['nll_is']}"
         if "nll_is" in report
         else f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "

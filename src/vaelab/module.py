@@ -64,16 +64,17 @@ class VAEModule(L.LightningModule):
             self.save_hyperparameters(run_config)
 
     def step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> dict[str, Tensor]:
-        inputs, targets, _ = batch  # inputs differ from targets for a denoising autoencoder
+        inputs, targets, labels = batch  # inputs differ from targets for a denoising model
         if inputs.dtype != self.dtype:  # trainer.precision=64-true: the data come as float32
             inputs, targets = inputs.to(self.dtype), targets.to(self.dtype)
         training = stage == "train"
-        parts = self.objective(
-            self.model, inputs, targets, step=self.global_step if training else None
-        )
-        if not training and "rate" in parts:  # a hierarchical model: which layers carry codes
-            for name, value in self.model.layer_rates(inputs).items():
-                parts[f"rate_{name}"] = value
+        with self.model.conditioned(labels if self.model.conditional else None):
+            parts = self.objective(
+                self.model, inputs, targets, step=self.global_step if training else None
+            )
+            if not training and "rate" in parts:  # a hierarchical model: layers with codes
+                for name, value in self.model.layer_rates(inputs).items():
+                    parts[f"rate_{name}"] = value
         # Training curves are per step, logged only on the steps the logger writes
         # (trainer.log_every_n_steps): a self.log call costs more Python than a small VAE's
         # step. `logged_step` tells the progress bar when there are new values to show.

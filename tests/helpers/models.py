@@ -256,3 +256,54 @@ def chain_data(n: int = 8) -> Tensor:
     z1 = z2 * CHAIN_A + CHAIN_OFFSET + CHAIN_S1 * torch.randn(n, LATENT, generator=g).double()
     x = z1 @ weight.T + bias + SIGMA * torch.randn(n, D, generator=g, dtype=torch.float64)
     return x.view(n, 1, 1, D)
+
+
+# --- a conditional linear Gaussian model: z ~ N(0, I), x | z, y ~ N(W z + B onehot(y) + b, sigma^2)
+N_CLASSES = 4
+
+
+class FlatFeatures(nn.Module):
+    """x (B, 1, 1, D) -> its D values: the encoder that hands x itself to the head."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+def linear_cvae(shift: float = 0.0):
+    """ConditionalVAE whose decoder is linear in (z, onehot(y)) and whose head (replaced by one
+    Linear of (x, onehot(y))) is the exact posterior p(z|x,y) shifted by `shift`. Returns the
+    model and log p(x|y) in closed form as a function of (x, y)."""
+    from vaelab.models import ConditionalVAE
+
+    weight, bias, scales = linear_gaussian_model()
+    label_weight = torch.randn(D, N_CLASSES, generator=generator(5), dtype=torch.float64)
+    decoder = LinearDecoder(torch.cat([weight, label_weight], dim=1), bias)
+    model = ConditionalVAE(
+        image_shape=(1, 1, D),
+        likelihood=GaussianFixed(SIGMA),
+        prior=StandardNormal,
+        encoder=built(FlatFeatures()),
+        decoder=built(decoder),
+        latent_dim=LATENT,
+        n_classes=N_CLASSES,
+        feature_dim=D,
+    ).double()
+    # p(z|x,y) = N(M^-1 W^T (x - b - B y), sigma^2 M^-1), M = diag(s^2 + sigma^2)
+    m_diag = scales**2 + SIGMA**2
+    mean_weight = weight.T / m_diag[:, None]  # (LATENT, D)
+    head_weight = torch.zeros(2 * LATENT, D + N_CLASSES, dtype=torch.float64)
+    head_weight[:LATENT, :D] = mean_weight
+    head_weight[:LATENT, D:] = -mean_weight @ label_weight
+    log_var = torch.log(SIGMA**2 / m_diag)
+    low = VAE.min_log_var
+    head_bias = torch.cat(
+        [-mean_weight @ bias + shift, low + torch.log(torch.expm1(log_var - low))]
+    )
+    model.head = fixed_linear(head_weight, head_bias)
+    covariance = weight @ weight.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
+
+    def log_marginal(x: Tensor, y: Tensor) -> Tensor:
+        mean = bias + label_weight[:, y].T  # (B, D)
+        return MultivariateNormal(mean, covariance).log_prob(x.flatten(1))
+
+    return model, log_marginal

@@ -21,7 +21,8 @@ from vaelab.errors import require
 class ImageLogger(L.Callback):
     """Every `every_n_epochs` validation epochs, log `images/reconstructions` (inputs above their
     reconstructions, and the clean targets below when the inputs are corrupted) and
-    `images/samples` (means of p(x|z), z ~ p(z) from the model's prior)."""
+    `images/samples` (means of p(x|z), z ~ p(z) from the model's prior; a conditional model's
+    samples in one row per class)."""
 
     def __init__(self, n_images: int = 16, n_samples: int = 64, every_n_epochs: int = 1) -> None:
         require(n_images >= 1, f"callbacks image n_images must be >= 1, got {n_images}")
@@ -32,6 +33,7 @@ class ImageLogger(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.inputs: Tensor | None = None
         self.targets: Tensor | None = None
+        self.labels: Tensor | None = None
         self.seed = 0
 
     @rank_zero_only
@@ -44,23 +46,29 @@ class ImageLogger(L.Callback):
         model = pl_module.model
         if self.inputs is None:
             batch = next(iter(trainer.datamodule.val_dataloader()))
-            inputs, targets, _ = trainer.datamodule.fetch(
+            inputs, targets, labels = trainer.datamodule.fetch(
                 move_data_to_device(batch, pl_module.device)
             )
             inputs, targets = inputs.to(pl_module.dtype), targets.to(pl_module.dtype)  # 64-true
             self.inputs, self.targets = inputs[: self.n_images], targets[: self.n_images]
+            self.labels = labels[: self.n_images] if model.conditional else None
         # The same random numbers every epoch (a learned prior still moves), outside the run's
         # random state.
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            samples = model.decode(model.sample_codes(self.n_samples)).mean
-            reconstructions = model.reconstruct(self.inputs)
+            sample_labels = model.sample_labels(self.n_samples)  # a row per class, or None
+            with model.conditioned(sample_labels):
+                n = self.n_samples if sample_labels is None else len(sample_labels)
+                samples = model.decode(model.sample_codes(n)).mean
+            with model.conditioned(self.labels):
+                reconstructions = model.reconstruct(self.inputs)
         step = trainer.global_step
         writer.add_image(
             "images/reconstructions", pair_grid(self.inputs, reconstructions, self.targets), step
         )
-        writer.add_image("images/samples", grid(samples), step)
+        nrow = 8 if sample_labels is None else int((sample_labels == sample_labels[0]).sum())
+        writer.add_image("images/samples", grid(samples, nrow=nrow), step)
 
 
 def grid(images: Tensor, nrow: int = 8) -> Tensor:

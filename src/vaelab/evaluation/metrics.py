@@ -143,8 +143,10 @@ def evaluate_split(
     estimate and the time left); None: no bar."""
     results = SplitResults()
     examples = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
-    weights_fn = weights_function(model, compile, k * examples, device) if probabilistic else None
-    prior = model.prior() if probabilistic else None
+    weights_fn = None
+    if probabilistic and not model.conditional:  # (a compiled decoder would not see the labels)
+        weights_fn = weights_function(model, compile, k * examples, device)
+    prior = model.prior() if probabilistic and not model.conditional else None
     bar = tqdm(total=examples, desc=progress, unit="img", disable=progress is None, leave=True)
     nll_sum = 0.0
     seen = 0
@@ -159,19 +161,21 @@ def evaluate_split(
         if kept < keep:
             results.examples.append(x[: keep - kept].cpu())
             results.example_inputs.append(inputs[: keep - kept].cpu())
-        q = model.posterior(inputs)
-        if probabilistic:
-            bound = iwae_bound(
-                model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=prior
-            )
-            results.log_likelihood.append(bound["log_likelihood"].cpu())
-            results.elbo_is.append(bound["elbo"].cpu())
-            nll_sum -= float(results.log_likelihood[-1].double().sum())
-            bar.set_postfix_str(f"nll_is={nll_sum / seen:.2f}", refresh=False)
-            kl = model.rate_per_dim(q, prior)  # (B, D), or None for a mixture prior
-            if kl is not None:
-                results.kl_per_dim.append(kl.cpu())
-        reconstruction = model.decode(q.mean).mean
+        with model.conditioned(labels if model.conditional else None):  # log p(x|y) if so
+            q = model.posterior(inputs)
+            if probabilistic:
+                p = model.prior() if prior is None else prior
+                bound = iwae_bound(
+                    model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=p
+                )
+                results.log_likelihood.append(bound["log_likelihood"].cpu())
+                results.elbo_is.append(bound["elbo"].cpu())
+                nll_sum -= float(results.log_likelihood[-1].double().sum())
+                bar.set_postfix_str(f"nll_is={nll_sum / seen:.2f}", refresh=False)
+                kl = model.rate_per_dim(q, p)  # (B, D), or None for a mixture prior
+                if kl is not None:
+                    results.kl_per_dim.append(kl.cpu())
+            reconstruction = model.decode(q.mean).mean
         results.posterior_mean.append(model.representation(q).cpu())
         results.labels.append(labels.cpu())
         results.squared_error.append((reconstruction - x).pow(2).flatten(1).mean(1).cpu())

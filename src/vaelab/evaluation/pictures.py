@@ -1,6 +1,7 @@
 """Pictures of a trained model, saved as PNG files and logged to TensorBoard.
 
-- reconstructions (inputs above reconstructions) and samples from the model's prior;
+- reconstructions (inputs above reconstructions) and samples from the model's prior (one row per
+  class for a conditional model, whose manifold and traversals are not drawn);
 - one flat latent of 2 dimensions: the learned manifold, decoded over a grid of the prior's
   marginal quantiles (Kingma & Welling 2013, Fig. 4: exact Gaussian quantiles for a Gaussian
   prior, empirical quantiles of prior draws for any other, e.g. a mixture), and a scatter of
@@ -42,32 +43,47 @@ def image_grids(
     kl_order: list[int],
     seed: int = 0,
     targets: Tensor | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device
-    (and their clean targets, shown below the reconstructions when the inputs are corrupted).
-    The prior's draws come from `seed`, without touching the caller's random state."""
+    (and their clean targets, shown below the reconstructions when the inputs are corrupted;
+    their labels, which a conditional model reads). The prior's draws come from `seed`, without
+    touching the caller's random state; a conditional model's samples have one row per class."""
+    inputs = inputs[:16]
+    labels = labels[: len(inputs)].to(inputs.device) if model.conditional else None
+    sample_labels = model.sample_labels(64)
     with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        prior = model.prior()
-        codes = model.sample_codes(64)
+        with model.conditioned(sample_labels):
+            prior = model.prior()
+            codes = model.sample_codes(64 if sample_labels is None else len(sample_labels))
+            samples = model.decode(codes).mean
         quantiles = None
-        if model.latent_dim is not None:
+        flat = model.latent_dim is not None and not model.conditional
+        if flat:
             probabilities = torch.linspace(0.05, 0.95, MANIFOLD_SIZE)
             if model.latent_dim > 2:
                 probabilities = torch.tensor([0.00135, 0.99865])
             quantiles = prior_quantiles(prior, probabilities)  # (P, D)
+    with model.conditioned(labels):
+        reconstructions = model.reconstruct(inputs)
     grids = {
-        "reconstructions": pair_grid(inputs[:16], model.reconstruct(inputs[:16]), targets),
-        "samples": grid(model.decode(codes).mean),
+        "reconstructions": pair_grid(inputs, reconstructions, targets),
+        "samples": grid(samples, nrow=samples_per_row(sample_labels)),
     }
-    if model.latent_dim == 2:
+    if flat and model.latent_dim == 2:
         # rows: z_2 from high to low, columns: z_1 from low to high (as in a plot)
         z2, z1 = torch.meshgrid(quantiles[:, 1].flip(0), quantiles[:, 0], indexing="ij")
         grid_codes = torch.stack([z1, z2], dim=-1).reshape(-1, 2).to(inputs.device)
         grids["manifold"] = grid(model.decode(grid_codes).mean, nrow=MANIFOLD_SIZE)
-    elif model.latent_dim is not None:
+    elif flat:
         grids["traversals"] = traversals(model, inputs[:TRAVERSAL_IMAGES], kl_order, quantiles)
     return grids
+
+
+def samples_per_row(sample_labels: Tensor | None) -> int:
+    """8 columns; a conditional model's samples: as many as each class has (a row per class)."""
+    return 8 if sample_labels is None else int((sample_labels == sample_labels[0]).sum())
 
 
 def traversals(

@@ -14,13 +14,18 @@ distributions (torch.distributions objects, one event per example) and a few der
   importance-sampled log-likelihood;
 - `sample(n)`, `reconstruct(x)`, `representation(q)` (the code a picture or a diagnostic uses:
   the posterior mean, (B, D)), `latent_parts` (name -> event shape, one per stochastic
-  layer) and `layer_rates(x)` (the rate of each layer, for models with several).
+  layer) and `layer_rates(x)` (the rate of each layer, for models with several);
+- `conditional`, `conditioned(labels)`, `sample_labels(n)`: a conditional model (model=cvae)
+  reads the labels the caller hands over for a block of calls.
 
 Nothing outside a model assumes one Gaussian latent or a closed-form KL: a new family subclasses
 `LatentVariableModel` and overrides what differs.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +64,19 @@ class LatentVariableModel(nn.Module):
     #: name -> event shape of each stochastic layer's code
     latent_parts: dict[str, tuple[int, ...]]
     image_shape: tuple[int, int, int]
+    #: A conditional model's posterior, prior and decoder read the examples' labels, which the
+    #: caller hands over with `with model.conditioned(labels): ...` (a no-op for other models).
+    conditional = False
+
+    @contextlib.contextmanager
+    def conditioned(self, labels: Tensor | None) -> Iterator[None]:
+        """Within the block, the model's distributions are those given `labels` (B,)."""
+        yield
+
+    def sample_labels(self, n: int) -> Tensor | None:
+        """Labels for n samples of a conditional model (classes in rows of equal length), None
+        for an unconditional one."""
+        return None
 
     def posterior(self, x: Tensor) -> Distribution:
         raise NotImplementedError
