@@ -53,6 +53,11 @@ def test_every_option_composes_and_instantiates(group, option, data_dir, tmp_pat
         overrides.append("trainer.max_time=00:00:01:00")  # its budget
     if group == "callbacks" and option == "none":
         overrides.remove("callbacks.progress_bar.refresh_rate=0")
+    if (group, option) in (("model", "vqvae"), ("objective", "vq")):  # they go together
+        overrides = [o for o in overrides if not o.startswith("model.latent_dim")]
+        overrides += ["model=vqvae", "objective=vq"]
+    if (group, option) == ("model", "hvae"):  # (no single latent_dim)
+        overrides = [o for o in overrides if not o.startswith("model.latent_dim")]
     cfg = compose_train(overrides, output_dir=tmp_path)
     assert cfg.hydra.runtime.choices[group] == option
     datamodule = build_datamodule(cfg)
@@ -84,8 +89,12 @@ def test_unknown_key_is_refused(data_dir):
     ),
 )
 def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape):
-    # one latent of 5 dimensions; the hierarchical model: z1 of 5 and z2 of 3 (a code of 8)
-    sizes, code = ("model.latent_dims=[5,3]", 8) if model == "hvae" else ("model.latent_dim=5", 5)
+    # one latent of 5 dimensions; the hierarchical model: z1 of 5 and z2 of 3 (a code of 8);
+    # the VQ-VAE: a grid of 16 codes over the image downsampled twice
+    sizes, code = {
+        "hvae": ("model.latent_dims=[5,3]", (8,)),
+        "vqvae": ("model.n_codes=16", (shape[1] // 4, shape[2] // 4)),
+    }.get(model, ("model.latent_dim=5", (5,)))
     cfg = compose_train([f"model={model}", f"likelihood={likelihood}", sizes])
     vae = build_model(cfg, shape)
     x = torch.rand(3, *shape)
@@ -94,8 +103,8 @@ def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape
     labels = torch.tensor([0, 3, 9]) if vae.conditional else None  # (a cvae reads them)
     with vae.conditioned(labels):
         q = vae.posterior(x)
-        assert q.batch_shape == (3,) and q.event_shape == (code,)
-        z = q.rsample((2,))  # (L, B, latent_dim)
+        assert q.batch_shape == (3,) and q.event_shape == code
+        z = q.sample((2,)) if model == "vqvae" else q.rsample((2,))  # (L, B, ...)
         p = vae.decode(z)
         assert p.batch_shape == (2, 3) and p.event_shape == shape
         assert p.log_prob(x).shape == (2, 3)

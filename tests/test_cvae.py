@@ -183,7 +183,7 @@ def test_cvae_trains_evaluates_and_resumes(data_dir, tmp_path):
     )
     evaluate.run(eval_cfg)
     report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
-    assert "-log p(x|y)" in report["conditional"]
+    assert "-log p(x|y)" in report["note"]
     assert report["metrics"]["test/nll_is"] <= -report["metrics"]["test/elbo"] + 5
     width, height = Image.open(tmp_path / "evaluation" / "samples.png").size
     assert (width, height) == (6 * 30 + 2, 10 * 30 + 2)  # 6 samples of each of 10 classes

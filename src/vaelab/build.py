@@ -141,13 +141,19 @@ def build_module(
             )
             + " (likelihoods for [0, 1] values: gaussian, gaussian_fixed, continuous_bernoulli)"
         )
+    objective = build_objective(cfg)
+    # a model family and an objective that only work together say so before any work
+    if hasattr(objective, "check_model"):
+        objective.check_model(model)
+    if hasattr(model, "check_objective"):
+        model.check_objective(objective)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     check_optimization(cfg, optimizer, scheduler, model)
     monitor = cfg.get("monitor") or {"metric": "val/elbo"}
     return VAEModule(
         model=model,
-        objective=build_objective(cfg),
+        objective=objective,
         optimizer=optimizer,
         scheduler=scheduler,
         monitor=monitor["metric"],

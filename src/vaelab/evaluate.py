@@ -145,10 +145,8 @@ def evaluate_run(
         "metrics": metrics,
         **per_dim,
     }
-    if model.conditional:
-        report["conditional"] = (
-            "given each example's label y: nll_is, elbo and bpd are -log p(x|y) and its bounds"
-        )
+    if model.evaluation_note:
+        report["note"] = model.evaluation_note  # what the figures mean for this model family
     if not probabilistic:
         report["nll_is"] = (
             f"undefined: {module.objective!r} is a deterministic autoencoder with no density "
@@ -274,7 +272,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"checkpoint: {report['checkpoint']}",
         f"objective: {report['objective']}",
         f"data: {report['pixel_model']}",
-        *([f"conditional: {report['conditional']}"] if "conditional" in report else []),
+        *([f"note: {report['note']}"] if "note" in report else []),
         f"nll_is: {report['nll_is']}"
         if "nll_is" in report
         else f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "

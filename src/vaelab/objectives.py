@@ -302,6 +302,63 @@ class Autoencoder:
         return f"Autoencoder(reconstruction={self.reconstruction!r})"
 
 
+class VQ:
+    """The VQ-VAE objective (van den Oord et al. 2017, eq. 3), per example:
+
+        loss = -log p(x | z_q) + beta ||z_e - sg(z_q)||^2 [+ ||sg(z_e) - z_q||^2] - log p(k(x))
+
+    with straight-through gradients from z_q to the encoder; the codebook term only when the
+    model's codebook is trained by its loss (`model.codebook=loss`; EMA updates otherwise). The
+    last term is the code prior's negative log-likelihood of the code grid: h w log K for the
+    uniform prior (no gradient), the PixelCNN's NLL when it is learned (which is how the second
+    stage trains it). Reports `elbo` = log p(x | z_q) + log p(k(x)), the bound of the point-mass
+    posterior (so bits/dim), its `rate` and `distortion`, the `commitment` loss, and the batch's
+    codebook `perplexity` (K for a uniform use of all codes) and `usage` (fraction used).
+    """
+
+    #: the model must be one whose codes this objective trains (model=vqvae)
+    trains_codes = True
+
+    def __init__(self, beta: float = 0.25) -> None:
+        require_number("objective.beta", beta, 0)
+        self.beta = float(beta)
+
+    def check_model(self, model: LatentVariableModel) -> None:
+        require(
+            hasattr(model, "quantize"),
+            f"objective=vq trains a vector-quantised model (model=vqvae), got "
+            f"{type(model).__name__}; use objective=elbo or iwae with it",
+        )
+
+    def __call__(
+        self,
+        model: LatentVariableModel,
+        x: Tensor,
+        target: Tensor | None = None,
+        step: int | None = None,
+    ) -> dict[str, Tensor]:
+        self.check_model(model)
+        target = x if target is None else target
+        codes = model.quantize(x)
+        distortion = -model.decode_vectors(codes["z_q"]).log_prob(target)  # (B,)
+        rate = -model.prior().log_prob(codes["indices"])  # (B,)
+        loss = distortion + self.beta * codes["commitment"] + rate
+        if model.quantizer.codebook == "loss":
+            loss = loss + codes["codebook_loss"]
+        return dict(
+            loss=loss.mean(),
+            elbo=-(distortion + rate),
+            rate=rate,
+            distortion=distortion,
+            commitment=codes["commitment"],
+            perplexity=codes["perplexity"],
+            usage=codes["usage"],
+        )
+
+    def __repr__(self) -> str:
+        return f"VQ(beta={self.beta})"
+
+
 #: log w = log p(x, z) - log q(z|x) from (x, codes z, posterior q, prior p): the model's
 #: `log_weights`, or a compiled version of it (vaelab.evaluation.metrics.CompiledLogWeights).
 LogWeightsFn = Callable[[Tensor, Tensor, Distribution, Distribution], Tensor]
@@ -336,6 +393,8 @@ def iwae_bound(
         weights_fn = model.log_weights
     q = model.posterior(x if inputs is None else inputs)
     p = model.prior() if prior is None else prior
+    if getattr(q, "point_mass", False):
+        k = 1  # every draw is the same code (a VQ-VAE): one weight is the k-sample estimate
     chunk = max(1, min(k, max_codes // len(x)))
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)

@@ -21,6 +21,7 @@ from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError, require_int
 from vaelab.resume import checkpoint_step, resume_config
+from vaelab.stages import load_autoencoder, second_stage_config
 from vaelab.summary import format_run_summary, run_summary, write_summary
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             os.environ["SLURM_RESTART_COUNT"],
             cfg.ckpt_path,
         )
+    if "autoencoder_run" in cfg.keys() and not cfg.get("resume"):  # (keys(): also when ???)
+        cfg = second_stage_config(cfg)  # a code prior on a trained VQ-VAE (its model, data)
     use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
     torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
     if cfg.get("seed") is not None:
@@ -81,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule, run_config=run_config)
+    if cfg.get("autoencoder_checkpoint") and not cfg.get("ckpt_path"):
+        load_autoencoder(module.model, cfg.autoencoder_checkpoint)  # (frozen by the model)
     logger_kwargs = {}
     if cfg.get("ckpt_path"):
         # Continuing: TensorBoard drops the events the interrupted run logged after this

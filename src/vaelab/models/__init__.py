@@ -4,9 +4,11 @@ from vaelab.models.base import LatentVariableModel, rate, rate_per_dim
 from vaelab.models.cvae import ConditionalVAE
 from vaelab.models.hvae import HierarchicalVAE
 from vaelab.models.vae import VAE
+from vaelab.models.vqvae import VQVAE
 
 __all__ = [
     "VAE",
+    "VQVAE",
     "ConditionalVAE",
     "HierarchicalVAE",
     "LatentVariableModel",

@@ -67,6 +67,9 @@ class LatentVariableModel(nn.Module):
     #: A conditional model's posterior, prior and decoder read the examples' labels, which the
     #: caller hands over with `with model.conditioned(labels): ...` (a no-op for other models).
     conditional = False
+    #: What the evaluation's figures mean for this family, when it is not the plain
+    #: importance-sampled -log p(x) (evaluate.py prints it with them).
+    evaluation_note: str | None = None
 
     @contextlib.contextmanager
     def conditioned(self, labels: Tensor | None) -> Iterator[None]:

@@ -35,6 +35,9 @@ class ConditionalVAE(VAE):
     one-hot label or embedding_dim."""
 
     conditional = True
+    evaluation_note = (
+        "conditional on each example's label y: nll_is, elbo and bpd are -log p(x|y) and its bounds"
+    )
 
     def __init__(
         self,
