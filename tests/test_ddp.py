@@ -119,6 +119,27 @@ def test_two_processes_with_batch_b_match_one_with_batch_2b(data_dir, tmp_path):
             torch.testing.assert_close(wrong[name], tensor, **TOLERANCE)
 
 
+def test_vqvae_codebook_updates_agree_across_processes(data_dir, tmp_path):
+    """The EMA codebook statistics are all-reduced: two processes with batch B end with the
+    codebook (and weights) of one process with batch 2B."""
+    args = [o for o in EQUIVALENCE if o != "objective=ae"]
+    args += ["model=vqvae", "objective=vq", "model.n_codes=16", "model.hidden_channels=8"]
+    args += ["model.residual_channels=4", "model.code_dim=4"]
+    runs = {}
+    for name, extra in (
+        ("one", ["data.batch_size=32", "trainer=cpu"]),
+        ("two", ["data.batch_size=16", "trainer=ddp_cpu", "trainer.devices=2"]),
+    ):
+        overrides = [o for o in tiny(data_dir) if not o.startswith("model.latent_dim")]
+        overrides += [f"paths.log_dir={tmp_path / name}", *args, *extra]
+        result = run_script("train.py", overrides, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = last_weights(only(tmp_path / name / "train" / "runs"))
+    assert runs["one"]["model.quantizer.embedding"].dtype == torch.float64
+    for name, tensor in runs["one"].items():
+        torch.testing.assert_close(runs["two"][name], tensor, **TOLERANCE, msg=name)
+
+
 def test_ddp_inside_a_multirun(data_dir, tmp_path):
     log_dir = tmp_path / "logs"
     args = [

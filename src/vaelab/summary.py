@@ -19,7 +19,16 @@ from vaelab.callbacks.checkpointing import LastCheckpoint
 from vaelab.callbacks.reporting import MetricsHistory
 
 SUMMARY_FILE = "summary.json"
-NATS = ("loss", "elbo", "rate", "distortion", "iwae", "nll_is", "nll_is_sem", "elbo_is")
+NATS = (
+    "loss",
+    "elbo",
+    "rate",
+    "distortion",
+    "iwae",
+    "nll_is",
+    "nll_is_sem",
+    "elbo_is",
+)
 
 
 def metric_unit(name: str, squared_error: bool = False) -> str:
@@ -33,8 +42,14 @@ def metric_unit(name: str, squared_error: bool = False) -> str:
         return "latent dims"
     if base in ("loss", "distortion") and squared_error:
         return "squared error per example"
-    if base in NATS:
+    if base in NATS or base.startswith("rate_"):  # rate_z1, rate_z2: per stochastic layer
         return "nats per example"
+    if base == "commitment":
+        return "squared distance per example"
+    if base == "perplexity":
+        return "codes"
+    if base == "usage":
+        return "fraction of codes"
     return ""
 
 

@@ -118,8 +118,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, flat: Tensor, one_hot: Tensor) -> None:
-        counts = one_hot.sum(0).float()  # (K,)
-        sums = (one_hot.T @ flat).float()  # (K, D)
+        counts = one_hot.sum(0).to(self.ema_count.dtype)  # (K,)
+        sums = (one_hot.T @ flat).to(self.ema_sum.dtype)  # (K, D)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -139,7 +139,8 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        picks = flat[torch.randint(len(flat), (n_dead,), device=flat.device)].float()
+        picks = flat[torch.randint(len(flat), (n_dead,), device=flat.device)]
+        picks = picks.to(self.embedding.dtype)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(picks, 0)
         self.embedding[dead] = picks
