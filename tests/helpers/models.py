@@ -270,7 +270,7 @@ class FlatFeatures(nn.Module):
 
 
 def linear_cvae(shift: float = 0.0):
-    """ConditionalVAE whose decoder is linear in (z, onehot(y)) and whose head (replaced by one
+    """ConditionalVAE whose decoder is linear in (z, onehot(y)) and whose head (one
     Linear of (x, onehot(y))) is the exact posterior p(z|x,y) shifted by `shift`. Returns the
     model and log p(x|y) in closed form as a function of (x, y)."""
     from vaelab.models import ConditionalVAE
