@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from vaelab.errors import require, require_int, require_number
 from vaelab.models import LatentVariableModel
+from vaelab.models.base import stopped
 
 #: Gradient estimators of the bounds: `standard` differentiates the Monte-Carlo bound as written;
 #: `dreg` (Tucker et al. 2018) drops the score-function terms of q(z|x)'s parameters, whose
@@ -38,23 +39,6 @@ def check_estimator(estimator: str) -> None:
         estimator in ESTIMATORS,
         f"objective.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}",
     )
-
-
-def stopped(q: Distribution) -> Distribution:
-    """q with its parameters cut from the graph: log q_stop(z) still depends on z (the path
-    derivative), not on q's parameters directly (the score function, zero in expectation).
-    Gaussian posteriors (Normal, in an Independent) are handled here; another family's posterior
-    provides `detached()`."""
-    if isinstance(q, Independent):
-        return Independent(stopped(q.base_dist), q.reinterpreted_batch_ndims)
-    if isinstance(q, Normal):
-        return Normal(q.loc.detach(), q.scale.detach())
-    require(
-        hasattr(q, "detached"),
-        f"objective.estimator=dreg needs a posterior whose parameters can be cut from the "
-        f"graph; {type(q).__name__} has no detached()",
-    )
-    return q.detached()
 
 
 def scale_code_gradients(z: Tensor, weights: Tensor) -> None:

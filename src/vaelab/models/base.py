@@ -29,7 +29,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from vaelab.errors import ConfigError
 
 
 def rate(q: Distribution, p: Distribution, z: Tensor, log_ratio: Tensor | None = None) -> Tensor:
@@ -55,6 +57,23 @@ def rate_per_dim(q: Distribution, p: Distribution) -> Tensor | None:
         return kl_divergence(q.base_dist, p.base_dist)
     except NotImplementedError:
         return None
+
+
+def stopped(q: Distribution) -> Distribution:
+    """q with its parameters cut from the graph: log q_stop(z) still depends on z (the path
+    derivative), not on q's parameters directly (the score function, zero in expectation).
+    Gaussian posteriors (Normal, in an Independent) are handled here; another family's posterior
+    provides `detached()`."""
+    if isinstance(q, Independent):
+        return Independent(stopped(q.base_dist), q.reinterpreted_batch_ndims)
+    if isinstance(q, Normal):
+        return Normal(q.loc.detach(), q.scale.detach())
+    if not hasattr(q, "detached"):
+        raise ConfigError(
+            f"objective.estimator=dreg needs a posterior whose parameters can be cut from the "
+            f"graph; {type(q).__name__} has no detached()"
+        )
+    return q.detached()
 
 
 class LatentVariableModel(nn.Module):

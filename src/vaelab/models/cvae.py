@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from vaelab.errors import ConfigError, require, require_int
 from vaelab.likelihoods import Likelihood, at_least_float32
@@ -141,16 +141,14 @@ class ConditionalVAE(VAE):
         features = self.encoder(x)
         labels = self.label_code(features.shape[:1]).to(features.dtype)
         params = self.head(torch.cat([features, labels], dim=-1))
-        mean, log_var = at_least_float32(params).chunk(2, dim=-1)
-        return Independent(Normal(mean, torch.exp(0.5 * self.bound_log_var(log_var))), 1)
+        return self.gaussian(params)
 
     def prior(self) -> Distribution:
         """p(z|y) (batch (B,)) with a class prior, else the configured p(z)."""
         if self.class_prior is None:
             return self.latent_prior(self)
         require(self.labels is not None, "model=cvae needs labels for its class prior")
-        mean, log_var = self.class_prior(self.labels).chunk(2, dim=-1)
-        return Independent(Normal(mean, torch.exp(0.5 * self.bound_log_var(log_var))), 1)
+        return self.gaussian(self.class_prior(self.labels))
 
     def decode(self, z: Tensor) -> Distribution:
         """p(x|z, y) for codes z (*S, B, latent_dim) and the current labels (B,)."""

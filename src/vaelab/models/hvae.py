@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal, constraints
+from torch.distributions import Distribution, constraints
 from torch.func import functional_call
 
 from vaelab.errors import ConfigError, require
 from vaelab.likelihoods import Likelihood, at_least_float32
-from vaelab.models.base import LatentVariableModel
+from vaelab.models.base import LatentVariableModel, stopped
 from vaelab.models.vae import VAE, DecoderFactory, EncoderFactory, PriorFactory
 from vaelab.nets.encoders import Activation, check_activation, check_sizes, mlp
 
@@ -56,15 +56,7 @@ class GaussianLayer(nn.Module):
         return lambda z: gaussian(functional_call(self.net, params, (z,)))
 
 
-def gaussian(params: Tensor) -> Distribution:
-    """(..., 2 d) mean and log-variance -> Independent(Normal) with event (d,)."""
-    mean, log_var = at_least_float32(params).chunk(2, dim=-1)
-    return Independent(Normal(mean, torch.exp(0.5 * VAE.bound_log_var(log_var))), 1)
-
-
-def detached_gaussian(q: Distribution) -> Distribution:
-    base = q.base_dist
-    return Independent(Normal(base.loc.detach(), base.scale.detach()), 1)
+gaussian = VAE.gaussian
 
 
 class ChainPosterior(Distribution):
@@ -108,7 +100,7 @@ class ChainPosterior(Distribution):
         """The chain with every parameter of q cut from the graph, the codes' paths kept (for
         the doubly reparameterised gradient)."""
         layers = [layer.detached() for layer in self.layers]
-        return ChainPosterior(detached_gaussian(self.first), layers, self.dims)
+        return ChainPosterior(stopped(self.first), layers, self.dims)
 
 
 class ChainPrior(Distribution):

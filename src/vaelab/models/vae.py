@@ -68,11 +68,16 @@ class VAE(LatentVariableModel):
         hot path, and the gradient only stops above the ceiling."""
         return soft_floor(log_var, cls.min_log_var).clamp(max=cls.max_log_var)
 
+    @classmethod
+    def gaussian(cls, params: Tensor) -> Distribution:
+        """(..., 2 D) mean and log-variance -> a diagonal Gaussian, event (D,), the
+        log-variance bounded (`bound_log_var`)."""
+        mean, log_var = at_least_float32(params).chunk(2, dim=-1)
+        return Independent(Normal(mean, torch.exp(0.5 * cls.bound_log_var(log_var))), 1)
+
     def posterior(self, x: Tensor) -> Distribution:
         """q(z|x): a diagonal Gaussian with event shape (latent_dim,), batch shape (B,)."""
-        mean, log_var = at_least_float32(self.encoder(x)).chunk(2, dim=-1)  # each (B, latent_dim)
-        log_var = self.bound_log_var(log_var)
-        return Independent(Normal(mean, torch.exp(0.5 * log_var)), 1)
+        return self.gaussian(self.encoder(x))
 
     def prior(self) -> Distribution:
         """p(z), event shape (latent_dim,)."""
