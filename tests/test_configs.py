@@ -45,7 +45,7 @@ def test_every_option_composes_and_instantiates(group, option, data_dir, tmp_pat
     overrides = [*tiny(data_dir), f"{group}={option}"]
     if group == "likelihood" and option != "bernoulli":
         overrides.append("data.binarize=none")  # 8-bit data for likelihoods on [0, 1]
-    if group == "data" and option != "mnist":
+    if group == "data" and option not in ("mnist", "dsprites", "dsprites_like"):
         overrides.append("likelihood=gaussian")  # Bernoulli refuses 8-bit data
     if (group, option) == ("data", "image_folder"):
         overrides.append(f"data.root={tmp_path}")  # the one setting without a default

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from vaelab.callbacks import RandomState
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
+from vaelab.evaluation.disentanglement import Protocol
+from vaelab.evaluation.disentanglement import report as factor_report
+from vaelab.evaluation.disentanglement import scalars as disentanglement_scalars
 from vaelab.evaluation.metrics import check_compile_choice, evaluate_split, summarise
 from vaelab.evaluation.sweep import evaluate_sweep, is_sweep_dir
 
@@ -65,6 +69,10 @@ def check_eval_config(cfg: DictConfig) -> None:
         f"eval.max_codes must be an integer >= 1, got {e.max_codes!r}",
     )
     check_compile_choice(e.get("compile", "auto"))
+    require(
+        e.get("disentanglement", "auto") in ("auto", True, False),
+        f"eval.disentanglement must be auto, true or false, got {e.get('disentanglement')!r}",
+    )
     require(
         e.limit is None or (isinstance(e.limit, int) and e.limit >= 1),
         f"eval.limit must be null or an integer >= 1, got {e.limit!r}",
@@ -147,6 +155,7 @@ def evaluate_run(
     }
     if model.evaluation_note:
         report["note"] = model.evaluation_note  # what the figures mean for this model family
+    factor_pictures = disentanglement_report(cfg, model, datamodule, device, report, metrics)
     if not probabilistic:
         report["nll_is"] = (
             f"undefined: {module.objective!r} is a deterministic autoencoder with no density "
@@ -160,7 +169,16 @@ def evaluate_run(
     tensorboard_metrics = {renamed.get(key, key): value for key, value in metrics.items()}
     kl_order = per_dim["kl_dim_order"]
     draw(
-        model, results, kl_order, out_dir, ckpt_path, report, cfg.seed, tensorboard_metrics, subset
+        model,
+        results,
+        kl_order,
+        out_dir,
+        ckpt_path,
+        report,
+        cfg.seed,
+        tensorboard_metrics,
+        subset,
+        factor_pictures,
     )
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")
@@ -169,13 +187,49 @@ def evaluate_run(
             name: metrics.get(f"{split}/{name}")
             for name in ("elbo", "nll_is", "rate", "distortion", "active_units", "mse")
         },
+        **{
+            name: metrics.get(f"disentanglement/{name}")
+            for name in ("mig", "dci_disentanglement")
+            if f"disentanglement/{name}" in metrics
+        },
         "metrics": metrics,
         "samples": str(out_dir / "samples.png"),
         "model_info": {
             "latent_dim": train_cfg.model.get("latent_dim"),
             "beta": train_cfg.objective.get("beta", 1.0),
+            "objective": str(train_cfg.objective.get("_target_", "")).rsplit(".", 1)[-1],
         },
     }
+
+
+def disentanglement_report(cfg, model, datamodule, device, report, metrics) -> dict | None:
+    """Disentanglement metrics (into `metrics` and the report) and pictures, for data with
+    ground-truth factors (eval.disentanglement); None when not computed."""
+    choice = cfg.eval.get("disentanglement", "auto")
+    if choice is False or (choice == "auto" and datamodule.factors is None):
+        return None
+    require(
+        datamodule.factors is not None,
+        f"eval.disentanglement=true needs data with ground-truth factors (dsprites, "
+        f"dsprites_like); {datamodule.name} has none",
+    )
+    require(
+        model.latent_dim is not None and not model.conditional,
+        f"eval.disentanglement needs one flat latent vector; {type(model).__name__} has none",
+    )
+    protocol = Protocol(**dict(cfg.eval.get("disentanglement_protocol") or {}))
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        results, figures = factor_report(model, datamodule, device, protocol)
+    metrics.update(disentanglement_scalars(results))
+    report["disentanglement"] = {
+        "grid_images": len(datamodule.factors),
+        "factors": dict(zip(datamodule.factors.names, datamodule.factors.sizes, strict=True)),
+        "protocol": asdict(protocol),
+        "seconds": round(time.perf_counter() - start, 3),
+        **{name: value.tolist() for name, value in results.items() if name.endswith("_matrix")},
+    }
+    return figures
 
 
 def step_metrics(
@@ -227,6 +281,7 @@ def draw(
     seed: int,
     tensorboard_metrics: dict[str, float],
     subset: str = "",
+    factor_pictures: dict | None = None,
 ) -> None:
     """PNG files in out_dir; the same pictures and `tensorboard_metrics` in the run's
     TensorBoard. `subset` ("_first{n}" for an `eval.limit` pass) goes into the tags of what was
@@ -244,6 +299,13 @@ def draw(
     )
     for name, image in grids.items():
         torchvision.utils.save_image(image, out_dir / f"{name}.png")
+    if factor_pictures is not None:
+        frames = factor_pictures["traversal_frames"]
+        (out_dir / "traversals.gif").write_bytes(pictures.gif_bytes(frames))
+        torchvision.utils.save_image(
+            factor_pictures["traversals_all"], out_dir / "traversals_all.png"
+        )
+        factor_pictures["factor_mi"].savefig(out_dir / "factor_mi.png", dpi=120)
     means, labels = results.cat("posterior_mean"), results.cat("labels")
     name = "latent_scatter" if model.latent_dim == 2 else "latent_pca"
     figure = pictures.latent_scatter(means, labels, f"posterior means ({report['split']} split)")
@@ -252,6 +314,8 @@ def draw(
     run_dir = ckpt_path.parent.parent
     if ckpt_path.parent.name != "checkpoints" or not (run_dir / "tensorboard").is_dir():
         plt.close(figure)
+        if factor_pictures is not None:
+            plt.close(factor_pictures["factor_mi"])
         return
     step = report["global_step"] or 0
     with SummaryWriter(str(run_dir / "tensorboard")) as writer:
@@ -261,6 +325,12 @@ def draw(
         for image_name, image in grids.items():
             writer.add_image(f"eval{subset}/{image_name}", image, step)
         writer.add_figure(f"eval{subset}/{name}", figure, step)
+        if factor_pictures is not None:
+            writer.add_figure("eval/factor_mi", factor_pictures["factor_mi"], step)
+            writer.add_image("eval/traversals_all", factor_pictures["traversals_all"], step)
+            frames = factor_pictures["traversal_frames"]
+            data = pictures.gif_bytes(frames)
+            pictures.add_gif(writer, "eval/traversals_gif", data, *frames[0].shape[1:], step)
         if means.shape[1] > 2:
             pictures.log_embedding(writer, means, labels, examples, step, f"posterior_mean{subset}")
 

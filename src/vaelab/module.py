@@ -114,8 +114,20 @@ class VAEModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self.step(batch, "test")
 
+    def setup(self, stage: str) -> None:
+        """An objective that needs the number of training images (beta-TCVAE's aggregate
+        posterior) gets it from the data side."""
+        datamodule = self.trainer.datamodule
+        if hasattr(self.objective, "uses_dataset_size") and stage == "fit" and datamodule:
+            self.objective.uses_dataset_size(datamodule.train_size)
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        # An objective with modules of its own (FactorVAE's discriminator) adds them as
+        # parameter groups with its own settings.
+        groups = [{"params": list(self.model.parameters())}]
+        if hasattr(self.objective, "param_groups"):
+            groups += self.objective.param_groups()
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

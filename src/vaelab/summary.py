@@ -28,6 +28,9 @@ NATS = (
     "nll_is",
     "nll_is_sem",
     "elbo_is",
+    "mi",  # beta-TCVAE's decomposition of the rate, FactorVAE's discriminator estimate
+    "tc",
+    "dim_kl",
 )
 
 
@@ -50,6 +53,10 @@ def metric_unit(name: str, squared_error: bool = False) -> str:
         return "codes"
     if base == "usage":
         return "fraction of codes"
+    if base == "discriminator_accuracy":
+        return "fraction"
+    if name.startswith("disentanglement/"):
+        return "score in [0, 1]"
     return ""
 
 

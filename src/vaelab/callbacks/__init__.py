@@ -1,12 +1,14 @@
 """Callbacks: side effects (images, reports, guards) that stay out of the LightningModule."""
 
 from vaelab.callbacks.checkpointing import LastCheckpoint
+from vaelab.callbacks.disentanglement import DisentanglementLogger
 from vaelab.callbacks.hparams import HParamsLogger
 from vaelab.callbacks.images import ImageLogger
 from vaelab.callbacks.reliability import FiniteGuard, RandomState, reliability_callbacks
 from vaelab.callbacks.reporting import MetricsHistory, ModelSummary, ProgressBar
 
 __all__ = [
+    "DisentanglementLogger",
     "FiniteGuard",
     "HParamsLogger",
     "ImageLogger",

@@ -1,6 +1,7 @@
 """Data: one image LightningDataModule over small image sources."""
 
 from vaelab.data.datamodule import ImageDataModule
+from vaelab.data.factors import DSprites, DSpritesLike, FactorSpace
 from vaelab.data.photos import CIFAR10, SVHN, CelebA, ImageFolder
 from vaelab.data.sources import MNIST, FashionMNIST, ImageSource
 
@@ -9,6 +10,9 @@ __all__ = [
     "MNIST",
     "SVHN",
     "CelebA",
+    "DSprites",
+    "DSpritesLike",
+    "FactorSpace",
     "FashionMNIST",
     "ImageDataModule",
     "ImageFolder",

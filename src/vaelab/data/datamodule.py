@@ -151,6 +151,26 @@ class ImageDataModule(L.LightningDataModule):
         return math.prod(self.image_shape)
 
     @property
+    def train_size(self) -> int:
+        """Images in the training split (after setup)."""
+        split = self.splits.get("train") or self.per_sample.get("train")
+        require(split is not None, f"{self.name}: the training split is not set up")
+        return len(split)
+
+    @property
+    def factors(self):
+        """The ground-truth factors (vaelab.data.factors.FactorSpace) of a source that has them
+        (dsprites, dsprites_like: its labels are then factor indices, (N, F)), else None."""
+        if not hasattr(self.source, "grid_images"):
+            return None
+        return self.source.factors
+
+    def factor_grid(self) -> Tensor:
+        """A factor source's every image in grid order (uint8; `preprocess` makes inputs)."""
+        require(self.factors is not None, f"{self.name} has no ground-truth factors")
+        return self.source.grid_images(self.data_dir)
+
+    @property
     def pixel_model(self) -> str:
         """What the model inputs are (vaelab.likelihoods.PIXEL_MODELS): `binary`, `dequantized`
         (8-bit values as (k + u) / 256) or `discrete` (8-bit values as k / 255)."""

@@ -113,7 +113,8 @@ def latent_scatter(means: Tensor, labels: Tensor, title: str) -> plt.Figure:
         points = means
         axes_labels = ("z_1", "z_2")
     figure, axes = plt.subplots(figsize=(6, 5))
-    scatter = axes.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=4, alpha=0.7)
+    colours = class_labels(labels)
+    scatter = axes.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=4, alpha=0.7)
     figure.colorbar(scatter, ax=axes, label="label")
     axes.set(xlabel=axes_labels[0], ylabel=axes_labels[1], title=title)
     figure.tight_layout()
@@ -136,8 +137,101 @@ def log_embedding(
     n = min(EMBEDDING_POINTS, len(means))
     writer.add_embedding(
         means[:n],
-        metadata=labels[:n].tolist(),
+        metadata=class_labels(labels)[:n].tolist(),
         label_img=images[:n].float().clamp(0, 1),
         global_step=step,
         tag=tag,
     )
+
+
+def class_labels(labels: Tensor) -> Tensor:
+    """Labels to colour points by: the labels, or the first factor of factor labels (N, F)."""
+    return labels[:, 0] if labels.dim() == 2 else labels
+
+
+@torch.no_grad()
+def traversal_frames(
+    model: LatentVariableModel,
+    inputs: Tensor,
+    dims: list[int],
+    limits: Tensor,
+    steps: int = TRAVERSAL_STEPS,
+) -> tuple[list[Tensor], Tensor]:
+    """Latent traversals of every dimension in `dims` from a few images: (frames, grid).
+
+    frame s (for an animated GIF) has one row per dimension and one column per image, each
+    dimension of E_q[z] set to the s-th of `steps` values from limits[0, d] to limits[1, d];
+    `grid` (a PNG) has one row per dimension and one column per value, for the first image."""
+    fractions = torch.linspace(0, 1, steps, device=inputs.device)
+    limits = limits.to(inputs.device)
+    means = model.posterior(inputs).mean  # (N, D)
+    codes = means[None, None].repeat(steps, len(dims), 1, 1)  # (S, K, N, D)
+    for row, dim in enumerate(dims):
+        values = limits[0, dim] + fractions * (limits[1, dim] - limits[0, dim])  # (S,)
+        codes[:, row, :, dim] = values[:, None]
+    decoded = model.decode(codes.reshape(-1, means.shape[-1])).mean
+    decoded = decoded.reshape(steps, len(dims), len(inputs), *decoded.shape[1:])
+    frames = [grid(decoded[s].flatten(0, 1), nrow=len(inputs)) for s in range(steps)]
+    first = decoded[:, :, 0].transpose(0, 1).flatten(0, 1)  # (K * S, C, H, W)
+    return frames, grid(first, nrow=steps)
+
+
+def gif_bytes(frames: list[Tensor], seconds_per_frame: float = 0.15) -> bytes:
+    """An animated GIF, looping forth and back, of image grids (C, H, W) in [0, 1]."""
+    import io
+
+    from PIL import Image
+
+    images = [
+        Image.fromarray(f.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).squeeze(-1).numpy())
+        for f in frames
+    ]
+    images = images + images[-2:0:-1]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=int(1000 * seconds_per_frame),
+        loop=0,
+    )
+    return buffer.getvalue()
+
+
+def add_gif(writer: SummaryWriter, tag: str, data: bytes, height: int, width: int, step: int):
+    """An animated GIF in TensorBoard's Images tab (an image summary holding GIF bytes, which
+    is what add_video writes, without its moviepy dependency)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    image = Summary.Image(height=height, width=width, colorspace=1, encoded_image_string=data)
+    writer._get_file_writer().add_summary(
+        Summary(value=[Summary.Value(tag=tag, image=image)]), step
+    )
+
+
+def factor_mi_figure(mi_matrix, factor_names: tuple[str, ...], title: str) -> plt.Figure:
+    """Heat map of MI(z_d; v_k) / H(v_k): factors in rows, latent dimensions in columns."""
+    matrix = torch.as_tensor(mi_matrix).T  # (F, D)
+    figure, axes = plt.subplots(figsize=(1.2 + 0.55 * matrix.shape[1], 1 + 0.5 * len(matrix)))
+    image = axes.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(matrix.shape[1]), [f"z{d}" for d in range(matrix.shape[1])])
+    axes.set_yticks(range(len(matrix)), list(factor_names))
+    for (k, d), value in zip(
+        [(k, d) for k in range(len(matrix)) for d in range(matrix.shape[1])],
+        matrix.flatten().tolist(),
+        strict=True,
+    ):
+        axes.text(
+            d,
+            k,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if value > 0.5 else "white",
+        )
+    figure.colorbar(image, ax=axes, label="MI / H(factor)")
+    axes.set(xlabel="latent dimension", title=title)
+    figure.tight_layout()
+    return figure

@@ -17,6 +17,8 @@ from vaelab.errors import CheckpointError  # noqa: E402
 from vaelab.sweeps import read_failures  # noqa: E402
 
 COLUMNS = ["elbo", "nll_is", "rate", "distortion", "active_units", "mse"]
+#: disentanglement metrics, columns only when some run has them (data with factors)
+FACTOR_COLUMNS = ["mig", "dci_disentanglement"]
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -79,9 +81,11 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
         keys += [
             k
             for k in row
-            if k not in keys and k not in (*COLUMNS, "status", "model_info", "samples", "metrics")
+            if k not in keys
+            and k not in (*COLUMNS, *FACTOR_COLUMNS, "status", "model_info", "samples", "metrics")
         ]
-    keys += [*COLUMNS, "status"]
+    factor_columns = [k for k in FACTOR_COLUMNS if any(row.get(k) is not None for row in rows)]
+    keys += [*COLUMNS, *factor_columns, "status"]
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -122,6 +126,33 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> None:
     plt.close(figure)
     for x_key, name in (("latent_dim", "latent_dim"), ("beta", "beta")):
         plot_metric_against(done, x_key, out_dir / f"nll_vs_{name}.png")
+    plot_disentanglement(done, out_dir / "mig_vs_beta.png")
+
+
+def plot_disentanglement(rows: list[dict[str, Any]], path: Path) -> None:
+    """MIG and DCI disentanglement against beta (runs on data with ground-truth factors), one
+    line per objective (beta-VAE, beta-TCVAE, ...)."""
+    rows = [r for r in rows if r.get("mig") is not None]
+    if not rows:
+        return
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row["model_info"].get("objective", "")), []).append(row)
+    for objective, group in sorted(groups.items()):
+        group = sorted(group, key=lambda r: float(r["model_info"]["beta"]))
+        betas = [float(r["model_info"]["beta"]) for r in group]
+        label = f" ({objective})" if len(groups) > 1 else ""
+        axes.plot(betas, [r["mig"] for r in group], marker="o", label=f"MIG{label}")
+        if all(r.get("dci_disentanglement") is not None for r in group):
+            dci = [r["dci_disentanglement"] for r in group]
+            axes.plot(betas, dci, marker="s", linestyle="--", label=f"DCI disentanglement{label}")
+    axes.set_xscale("log", base=2)
+    axes.set(xlabel="beta", ylabel="score", title="disentanglement vs beta", ylim=(0, 1))
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def point_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -129,7 +160,8 @@ def point_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     keys = [
         key
         for key in row
-        if key not in ("run", "status", "model_info", "samples", "metrics", *COLUMNS)
+        if key
+        not in ("run", "status", "model_info", "samples", "metrics", *COLUMNS, *FACTOR_COLUMNS)
         and len({str(other.get(key)) for other in rows}) > 1
     ]
     return ", ".join(f"{key}={row[key]}" for key in keys) or row["run"]
