@@ -235,6 +235,8 @@ def test_protocol_errors_name_the_value():
         metrics.Protocol(metrics=("nope",))
     with pytest.raises(Exception, match="dci_model must be one of gbt, lasso"):
         metrics.Protocol(dci_model="forest")
+    with pytest.raises(Exception, match="eval.disentanglement_protocol has no setting 'points'"):
+        metrics.protocol_from({"points": 5}, "eval.disentanglement_protocol")
 
 
 # --- beta-TCVAE ------------------------------------------------------------------------------

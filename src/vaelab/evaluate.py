@@ -30,7 +30,7 @@ from vaelab.callbacks import RandomState
 from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
-from vaelab.evaluation.disentanglement import Protocol
+from vaelab.evaluation.disentanglement import protocol_from
 from vaelab.evaluation.disentanglement import report as factor_report
 from vaelab.evaluation.disentanglement import scalars as disentanglement_scalars
 from vaelab.evaluation.metrics import check_compile_choice, evaluate_split, summarise
@@ -213,11 +213,19 @@ def disentanglement_report(cfg, model, datamodule, device, report, metrics) -> d
         f"eval.disentanglement=true needs data with ground-truth factors (dsprites, "
         f"dsprites_like); {datamodule.name} has none",
     )
+    flat = model.latent_dim is not None and not model.conditional
+    if choice == "auto" and not flat:
+        log.info(
+            "eval.disentanglement: %s has no flat latent vector; skipped", type(model).__name__
+        )
+        return None
     require(
-        model.latent_dim is not None and not model.conditional,
+        flat,
         f"eval.disentanglement needs one flat latent vector; {type(model).__name__} has none",
     )
-    protocol = Protocol(**dict(cfg.eval.get("disentanglement_protocol") or {}))
+    protocol = protocol_from(
+        cfg.eval.get("disentanglement_protocol"), "eval.disentanglement_protocol"
+    )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         results, figures = factor_report(model, datamodule, device, protocol)

@@ -414,12 +414,12 @@ class BetaTCVAE(torch.nn.Module):
 
     - `mss` (default; minibatch stratified sampling): q(z_i) ~ q(z_i|x_i)/N + (N-1)/(N(M-1))
       sum_{j != i} q(z_i|x_j), an unbiased estimate of q(z_i) for any M >= 2 whose value is exact
-      when the batch is the whole dataset. (The weight matrix of Chen et al.'s released code puts
-      some of its weights on the wrong entries: rtqichen/beta-tcvae pull request 1.)
+      when the batch is the whole dataset. (The weight matrix of Chen et al.'s released code is
+      reported to put some weights on the wrong entries: rtqichen/beta-tcvae pull request 1.)
     - `mws` (minibatch weighted sampling, Chen et al.'s eq.): q(z_i) ~ 1/(NM) sum_j q(z_i|x_j),
       whose log is offset from log q(z_i) by about -log N (with the whole dataset as the batch:
-      exactly), so its logged TC is offset by (D-1) log N; the gradients are those of mss up to
-      the weights of the batch's own image.
+      exactly), so its logged TC is offset by (D-1) log N; it also weighs the example's own
+      posterior less (1/(NM) against mss's 1/N), which changes the gradients somewhat.
 
     N is `dataset_size`, from the data side (the DataModule's training split, set when training
     starts, saved in the checkpoint as a buffer). With alpha = beta = gamma = 1 the loss is the

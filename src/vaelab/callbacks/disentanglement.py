@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import logging
 import time
+from typing import Any
 
 import lightning as L
 import matplotlib.pyplot as plt
@@ -35,7 +34,9 @@ class DisentanglementLogger(L.Callback):
             f"disentanglement every_n_epochs must be null or >= 1, got {every_n_epochs}",
         )
         self.every_n_epochs = every_n_epochs
-        self.protocol = disentanglement.Protocol(**dict(protocol or {}))
+        self.protocol = disentanglement.protocol_from(
+            protocol, "callbacks.disentanglement.protocol"
+        )
         self.last_step: int | None = None
         self.results: dict[str, float] = {}
 

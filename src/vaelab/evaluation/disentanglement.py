@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -83,6 +83,19 @@ class Protocol:
         for key, value in asdict(self).items():
             if key not in ("metrics", "dci_model"):
                 require_int(f"disentanglement.{key}", value, 0 if key == "seed" else 1)
+
+
+def protocol_from(settings, owner: str) -> Protocol:
+    """A Protocol from a config's dict of fields to change (None: the defaults); an unknown
+    field is one line naming it and the known ones."""
+    settings = dict(settings or {})
+    known = [f.name for f in fields(Protocol)]
+    for key in settings:
+        require(
+            key in known,
+            f"{owner} has no setting {key!r}; the settings are {', '.join(known)}",
+        )
+    return Protocol(**settings)
 
 
 def _np(x: Tensor | np.ndarray) -> np.ndarray:
