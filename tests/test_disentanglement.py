@@ -522,3 +522,34 @@ def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective,
         assert any(k.startswith("objective.discriminator.") for k in last["state_dict"])
     if objective == "beta_tcvae":
         assert int(last["state_dict"]["objective.dataset_size"]) == 3 * 2 * 4 * 6 * 6 - 64
+
+
+def test_sweep_report_has_mig_columns_and_plots_mig_against_beta(tmp_path):
+    from vaelab.evaluation.sweep import plot_sweep, write_tables
+
+    rows = [
+        {
+            "run": f"{i}_objective.beta={beta}",
+            "objective.beta": str(beta),
+            "status": "ok",
+            "elbo": -30.0 - beta,
+            "rate": 10.0 / beta,
+            "distortion": 20.0 + beta,
+            "mig": 0.1 * i,
+            "dci_disentanglement": 0.05 * i,
+            "model_info": {"latent_dim": 10, "beta": beta, "objective": "ELBO"},
+        }
+        for i, beta in enumerate((1, 4, 16))
+    ]
+    write_tables(rows, tmp_path)
+    plot_sweep(rows, tmp_path)
+    header = (tmp_path / "summary.md").read_text().splitlines()[0]
+    assert "| mig | dci_disentanglement |" in header
+    assert (tmp_path / "mig_vs_beta.png").is_file() and (tmp_path / "rate_distortion.png").is_file()
+    for row in rows:  # without factor data: no such columns, no plot
+        del row["mig"], row["dci_disentanglement"]
+    (tmp_path / "mig_vs_beta.png").unlink()
+    write_tables(rows, tmp_path)
+    plot_sweep(rows, tmp_path)
+    assert "mig" not in (tmp_path / "summary.md").read_text().splitlines()[0]
+    assert not (tmp_path / "mig_vs_beta.png").exists()
