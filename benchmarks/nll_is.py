@@ -21,6 +21,7 @@ import time
 
 import torch
 from hydra import compose, initialize_config_dir
+from torch import nn
 from torch.nn import functional as F
 
 from vaelab.build import build_model
@@ -51,6 +52,40 @@ def plain_nll(vae, x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
         log_qz = (-0.5 * eps.pow(2) - 0.5 * math.log(2 * math.pi) - 0.5 * log_var).sum(-1)
         log_ws.append(log_px + log_pz - log_qz)
     return -(torch.logsumexp(torch.cat(log_ws), 0) - math.log(k))
+
+
+def decoder_layers(vae) -> list[tuple[int, int]]:
+    """(in, out) of each Linear layer of the decoder, in order."""
+    return [
+        (m.in_features, m.out_features) for m in vae.decoder.modules() if isinstance(m, nn.Linear)
+    ]
+
+
+def matmul_floor(vae, images: int, batch: int, k: int, max_codes: int):
+    """The IS pass's floor: the decoder's float32 matrix products alone for images x k codes,
+    in the chunks `iwae_bound` uses (chunk = max_codes // batch samples of `batch` images), on
+    preallocated inputs and outputs (no bias, activation, likelihood or log-sum-exp)."""
+    layers = decoder_layers(vae)
+    weights = [torch.randn(n_out, n_in) for n_in, n_out in layers]
+    chunk = max(1, min(k, max_codes // batch))
+    shapes = []
+    for start in range(0, images, batch):
+        b = min(batch, images - start)
+        shapes += [min(chunk, k - s) * b for s in range(0, k, chunk)]
+    buffers = {}
+    for rows in set(shapes):
+        buffers[rows] = [torch.randn(rows, n_in) for n_in, _ in layers] + [
+            torch.empty(rows, n_out) for _, n_out in layers
+        ]
+
+    def run():
+        for rows in shapes:
+            ins = buffers[rows][: len(layers)]
+            outs = buffers[rows][len(layers) :]
+            for w, a, out in zip(weights, ins, outs, strict=True):
+                torch.mm(a, w.t(), out=out)
+
+    return run
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -106,6 +141,7 @@ def main() -> None:
             return torch.cat([plain_nll(vae, image[None], args.k, args.k) for image in images])
 
     runs = {
+        "floor": matmul_floor(vae, args.images, args.batch, args.k, args.max_codes),
         "vaelab": run_vaelab,
         "compiled": run_compiled,
         "plain": run_plain,
@@ -114,7 +150,9 @@ def main() -> None:
     nll = {}
     for name, run in runs.items():  # also the warm-up (and compilation) of each
         torch.manual_seed(1)
-        nll[name] = run()
+        result = run()
+        if result is not None:
+            nll[name] = result
     print(
         f"threads={torch.get_num_threads()} model={args.model} images={args.images} k={args.k} "
         f"batch={args.batch} max_codes={args.max_codes} plain_chunk={args.plain_chunk}"
@@ -131,6 +169,7 @@ def main() -> None:
             times[name] += timed(run, 1)
     per_1000 = {name: statistics.median(t) * 1000 / args.images for name, t in times.items()}
     labels = {
+        "floor": "matmul floor",
         "vaelab": "vaelab eager",
         "compiled": "vaelab compiled",
         "plain": "plain",
@@ -138,6 +177,12 @@ def main() -> None:
     }
     for name, seconds in per_1000.items():
         print(f"{labels[name]:>16}: {seconds:7.1f} s per 1000 images (median of {args.repeats})")
+    for name in ("vaelab", "compiled"):
+        ratio = per_1000[name] / per_1000["floor"]
+        print(f"{labels[name]} / its matrix-product floor: {ratio:.2f}x the floor's time")
+    flops = 2 * sum(a * b for a, b in decoder_layers(vae)) * args.k * args.images
+    floor_seconds = per_1000["floor"] * args.images / 1000
+    print(f"sgemm speed in the floor: {flops / floor_seconds / 1e9:.1f} GFLOP/s")
     for baseline in ("plain", "one_at_a_time"):
         for name in ("vaelab", "compiled"):
             ratio = per_1000[baseline] / per_1000[name]

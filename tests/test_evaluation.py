@@ -13,6 +13,7 @@ from helpers.models import (
     exact_log_marginal,
     linear_data,
     replay_draws,
+    small_vae,
 )
 from helpers.runs import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
@@ -185,3 +186,37 @@ def test_evaluate_follows_validate_args(validate, tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         evaluate.run(cfg)
     assert torch.distributions.Distribution._validate_args is validate
+
+
+def test_max_codes_auto_fills_a_gpu_and_keeps_5000_on_a_cpu():
+    """eval.max_codes=auto: the CPU's 5000; on a GPU a fifth of the free memory at the estimated
+    bytes per code, clamped; integers pass through (the logic, on a CPU: the free memory given)."""
+    from vaelab.evaluation.metrics import (
+        CPU_MAX_CODES,
+        MAX_CODES_CEILING,
+        bytes_per_code,
+        resolve_max_codes,
+    )
+
+    vae = small_vae(latent_dim=3)
+    per_code = bytes_per_code(vae)
+    assert per_code == 4 * (16 * 16 + 4 * 3)  # 1x4x4 images, 3 latents
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_max_codes("auto", vae, cpu) == CPU_MAX_CODES
+    assert resolve_max_codes(1234, vae, gpu, free_bytes=10**12) == 1234
+    free = 2**30  # 1 GiB free: 0.2 * free / per_code codes (200,000 for this tiny model)
+    assert resolve_max_codes("auto", vae, gpu, free_bytes=free) == int(0.2 * free / per_code)
+    assert resolve_max_codes("auto", vae, gpu, free_bytes=2**20) == CPU_MAX_CODES  # nearly full
+    assert resolve_max_codes("auto", vae, gpu, free_bytes=2**50) == MAX_CODES_CEILING
+
+
+@pytest.mark.parametrize("value", ["lots", 0, True])
+def test_bad_max_codes_is_one_line(value):
+    from helpers.runs import compose_evaluate
+
+    from vaelab.evaluate import check_eval_config
+
+    cfg = compose_evaluate(["run=somewhere"])
+    cfg.eval.max_codes = value
+    with pytest.raises(ConfigError, match="eval.max_codes must be auto or an integer >= 1"):
+        check_eval_config(cfg)

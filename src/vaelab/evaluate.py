@@ -65,8 +65,11 @@ def check_eval_config(cfg: DictConfig) -> None:
         f"eval.k must be an integer >= 1, got {e.k!r}",
     )
     require(
-        isinstance(e.max_codes, int) and e.max_codes >= 1,
-        f"eval.max_codes must be an integer >= 1, got {e.max_codes!r}",
+        e.max_codes == "auto"
+        or (
+            isinstance(e.max_codes, int) and not isinstance(e.max_codes, bool) and e.max_codes >= 1
+        ),
+        f"eval.max_codes must be auto or an integer >= 1, got {e.max_codes!r}",
     )
     check_compile_choice(e.get("compile", "auto"))
     require(
@@ -137,6 +140,7 @@ def evaluate_run(
         "global_step": checkpoint.get("global_step"),
         "split": split,
         "k": cfg.eval.k,
+        "max_codes": results.max_codes,
         "examples_importance_sampled": sum(len(t) for t in results.log_likelihood),
         # examples behind the posterior diagnostics (all of the split unless eval.limit)
         "examples_evaluated": len(results.cat("posterior_mean")),

@@ -37,6 +37,39 @@ COMPILE_CHOICES = ("auto", True, False)
 #: times examples), where the time saved outweighs the compilation's (benchmarks/nll_is.py
 #: measures both). A GPU decodes that many codes quickly, so `auto` does not compile there.
 COMPILE_AUTO_MIN_CODES = 1_000_000
+#: eval.max_codes=auto (codes decoded per call of the IS pass): on a CPU 5000, where larger
+#: chunks only leave the caches; on a GPU as many as fill a fifth of the free memory at
+#: `bytes_per_code` each (the test set's k=5000 pass in a few hundred calls, not ten thousand),
+#: never fewer than the CPU's, halved again if the device still runs out of memory.
+CPU_MAX_CODES = 5000
+GPU_MEMORY_FRACTION = 0.2
+MAX_CODES_CEILING = 1 << 22
+
+
+def bytes_per_code(model: LatentVariableModel) -> int:
+    """An estimate of the device memory one decoded code takes in the IS pass: 16 float32
+    numbers per pixel value (the decoder's output, a mixture likelihood's parameters, the
+    log-density's temporaries) and 4 per latent number."""
+    latent = sum(math.prod(shape) for shape in model.latent_parts.values())
+    return 4 * (16 * math.prod(model.image_shape) + 4 * latent)
+
+
+def resolve_max_codes(
+    max_codes: int | str,
+    model: LatentVariableModel,
+    device: torch.device,
+    free_bytes: int | None = None,
+) -> int:
+    """eval.max_codes: an integer as given; `auto` as described at CPU_MAX_CODES (`free_bytes`:
+    the device's free memory, read from it when None)."""
+    if max_codes != "auto":
+        return int(max_codes)
+    if device.type != "cuda":
+        return CPU_MAX_CODES
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    codes = int(GPU_MEMORY_FRACTION * free_bytes / bytes_per_code(model))
+    return max(CPU_MAX_CODES, min(MAX_CODES_CEILING, codes))
 
 
 def compile_options() -> dict[str, bool]:
@@ -116,6 +149,7 @@ class SplitResults:
     squared_error: list[Tensor] = field(default_factory=list)  # (B,) mean over pixels
     examples: list[Tensor] = field(default_factory=list)  # the first `keep` clean images
     example_inputs: list[Tensor] = field(default_factory=list)  # and the encoder's view of them
+    max_codes: int | None = None  # codes per decoder call that the pass used
 
     def cat(self, name: str) -> Tensor:
         return torch.cat(getattr(self, name))
@@ -127,7 +161,7 @@ def evaluate_split(
     loader: DataLoader,
     datamodule: ImageDataModule,
     k: int,
-    max_codes: int,
+    max_codes: int | str,
     device: torch.device,
     limit: int | None = None,
     keep: int = 2000,
@@ -142,6 +176,9 @@ def evaluate_split(
     `progress`: the label of a progress bar over the examples (on stderr, with the running NLL
     estimate and the time left); None: no bar."""
     results = SplitResults()
+    auto = max_codes == "auto"
+    max_codes = resolve_max_codes(max_codes, model, device)
+    results.max_codes = max_codes
     examples = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     weights_fn = None
     if probabilistic and not model.conditional:  # (a compiled decoder would not see the labels)
@@ -165,9 +202,21 @@ def evaluate_split(
             q = model.posterior(inputs)
             if probabilistic:
                 p = model.prior() if prior is None else prior
-                bound = iwae_bound(
-                    model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=p
-                )
+                while True:
+                    try:
+                        bound = iwae_bound(
+                            model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=p
+                        )
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        if not auto or max_codes <= CPU_MAX_CODES:
+                            raise
+                        max_codes = max(CPU_MAX_CODES, max_codes // 2)
+                        results.max_codes = max_codes
+                        torch.cuda.empty_cache()
+                        log.warning(
+                            "eval.max_codes=auto: out of memory; %d codes per call", max_codes
+                        )
                 results.log_likelihood.append(bound["log_likelihood"].cpu())
                 results.elbo_is.append(bound["elbo"].cpu())
                 nll_sum -= float(results.log_likelihood[-1].double().sum())
