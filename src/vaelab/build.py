@@ -19,7 +19,13 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.data import ImageDataModule
-from vaelab.errors import ConfigError, VaelabError, require, require_int, require_number
+from vaelab.errors import (
+    ConfigError,
+    VaelabError,
+    require_betas,
+    require_int,
+    require_number,
+)
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
 
@@ -57,13 +63,7 @@ def check_optimization(cfg: DictConfig, optimizer, scheduler, model: torch.nn.Mo
         if key in settings:
             require_number(f"optimizer.{key}", settings[key], 0)
     if "betas" in settings:
-        betas = list(settings.betas)
-        require(
-            len(betas) == 2
-            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
-            and all(0 <= b < 1 for b in betas),
-            f"optimizer.betas must be two numbers in [0, 1), got {betas}",
-        )
+        require_betas("optimizer.betas", settings.betas)
     try:
         built = optimizer(model.parameters())
     except (ValueError, TypeError, RuntimeError) as e:

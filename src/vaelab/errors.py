@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class VaelabError(Exception):
     """Base class: the entry points print these as one line and exit with status 1."""
@@ -54,6 +56,18 @@ def require_number(name: str, value: object, minimum: float) -> None:
     require(
         isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum,
         f"{name} must be a number >= {minimum:g}, got {value!r}",
+    )
+
+
+def require_betas(name: str, betas: object) -> None:
+    """Adam's `betas`: two numbers in [0, 1), else a ConfigError naming `name`."""
+    values = list(betas) if isinstance(betas, Iterable) and not isinstance(betas, str) else None
+    require(
+        values is not None
+        and len(values) == 2
+        and all(isinstance(b, int | float) and not isinstance(b, bool) for b in values)
+        and all(0 <= b < 1 for b in values),
+        f"{name} must be two numbers in [0, 1), got {repr(betas) if values is None else values}",
     )
 
 

@@ -231,8 +231,7 @@ def disentanglement_report(cfg, model, datamodule, device, report, metrics) -> d
         cfg.eval.get("disentanglement_protocol"), "eval.disentanglement_protocol"
     )
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        results, figures = factor_report(model, datamodule, device, protocol)
+    results, figures = factor_report(model, datamodule, device, protocol)
     metrics.update(disentanglement_scalars(results))
     report["disentanglement"] = {
         "grid_images": len(datamodule.factors),
@@ -313,7 +312,8 @@ def draw(
         torchvision.utils.save_image(image, out_dir / f"{name}.png")
     if factor_pictures is not None:
         frames = factor_pictures["traversal_frames"]
-        (out_dir / "traversals.gif").write_bytes(pictures.gif_bytes(frames))
+        gif = pictures.gif_bytes(frames)
+        (out_dir / "traversals.gif").write_bytes(gif)
         torchvision.utils.save_image(
             factor_pictures["traversals_all"], out_dir / "traversals_all.png"
         )
@@ -340,9 +340,7 @@ def draw(
         if factor_pictures is not None:
             writer.add_figure("eval/factor_mi", factor_pictures["factor_mi"], step)
             writer.add_image("eval/traversals_all", factor_pictures["traversals_all"], step)
-            frames = factor_pictures["traversal_frames"]
-            data = pictures.gif_bytes(frames)
-            pictures.add_gif(writer, "eval/traversals_gif", data, *frames[0].shape[1:], step)
+            pictures.add_gif(writer, "eval/traversals_gif", gif, *frames[0].shape[1:], step)
         if means.shape[1] > 2:
             pictures.log_embedding(writer, means, labels, examples, step, f"posterior_mean{subset}")
 

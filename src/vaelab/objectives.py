@@ -17,6 +17,7 @@ no ELBO and reports its distortion only).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,9 +25,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from vaelab.errors import require, require_int, require_number
+from vaelab.errors import require, require_betas, require_int, require_number
 from vaelab.models import LatentVariableModel
 from vaelab.models.base import stopped
+from vaelab.nets.encoders import check_sizes, mlp
 
 #: Gradient estimators of the bounds: `standard` differentiates the Monte-Carlo bound as written;
 #: `dreg` (Tucker et al. 2018) drops the score-function terms of q(z|x)'s parameters, whose
@@ -390,6 +392,19 @@ def iwae_bound(
     return dict(log_likelihood=log_sum - math.log(k), elbo=weight_sum / k)
 
 
+def one_draw(
+    model: LatentVariableModel, x: Tensor, target: Tensor, owner: str
+) -> tuple[Distribution, Distribution, Tensor, Tensor, Tensor]:
+    """q(z|x), p(z), one draw z ~ q (B, D), its distortion and the rate (B,) each: what the
+    objectives that add a term to the one-draw ELBO share (beta-TCVAE, FactorVAE); `owner`
+    names the objective if the posterior is not a diagonal Gaussian over one vector."""
+    q = model.posterior(x)
+    factorised_gaussian(q, owner)
+    prior = model.prior()
+    z = q.rsample()
+    return q, prior, z, -model.log_likelihood(target, z), model.rate(q, prior, z[None])
+
+
 def factorised_gaussian(q: Distribution, owner: str) -> torch.distributions.Normal:
     """The per-dimension Normal of a diagonal Gaussian posterior over one flat latent vector."""
     base = q.base_dist if isinstance(q, torch.distributions.Independent) else None
@@ -498,16 +513,12 @@ class BetaTCVAE(torch.nn.Module):
             "objective.dataset_size, or train through train.py, which sets it from the data)",
         )
         target = x if target is None else target
-        q = model.posterior(x)
-        prior = model.prior()
-        z = q.rsample()  # (M, D)
-        distortion = -model.log_likelihood(target, z)
+        q, prior, z, distortion, rate = one_draw(model, x, target, "objective=beta_tcvae")
         terms = self.decomposition(q, prior, z)
         mi = terms["log_qzx"] - terms["log_qz"]
         tc = terms["log_qz"] - terms["log_prod_qzd"]
         dim_kl = terms["log_prod_qzd"] - terms["log_pz"]
         loss = distortion + self.alpha * mi + self.beta * tc + self.gamma * dim_kl
-        rate = model.rate(q, prior, z[None])
         return dict(
             loss=loss.mean(),
             elbo=-(distortion + rate),
@@ -561,28 +572,16 @@ class FactorVAE(torch.nn.Module):
         super().__init__()
         require_number("objective.gamma", gamma, 0)
         require_number("objective.lr", lr, 0)
-        hidden = list(hidden_dims)
-        require(
-            all(isinstance(h, int) and h >= 1 for h in hidden),
-            f"objective.hidden_dims must be positive integers, got {hidden}",
-        )
-        betas = list(betas)
-        require(
-            len(betas) == 2 and all(0 <= b < 1 for b in betas),
-            f"objective.betas must be two numbers in [0, 1), got {betas}",
-        )
+        hidden = check_sizes("objective.hidden_dims", hidden_dims)
+        require_betas("objective.betas", betas)
         self.gamma, self.lr, self.betas, self.hidden_dims = float(gamma), lr, tuple(betas), hidden
         self.discriminator: torch.nn.Module | None = None
         if latent_dim is not None:
             self.build(latent_dim)
 
     def build(self, latent_dim: int) -> None:
-        layers: list[torch.nn.Module] = []
-        sizes = [latent_dim, *self.hidden_dims]
-        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [torch.nn.Linear(n_in, n_out), torch.nn.LeakyReLU(0.2)]
-        layers.append(torch.nn.Linear(sizes[-1], 1))
-        self.discriminator = torch.nn.Sequential(*layers)
+        leaky = functools.partial(torch.nn.LeakyReLU, 0.2)
+        self.discriminator = mlp([latent_dim, *self.hidden_dims, 1], leaky)
 
     def check_model(self, model: LatentVariableModel) -> None:
         """Build the discriminator for the model's latent vector (build.py calls this)."""
@@ -608,12 +607,7 @@ class FactorVAE(torch.nn.Module):
     ) -> dict[str, Tensor]:
         self.check_model(model)
         target = x if target is None else target
-        q = model.posterior(x)
-        prior = model.prior()
-        factorised_gaussian(q, "objective=factorvae")
-        z = q.rsample()  # (M, D)
-        distortion = -model.log_likelihood(target, z)
-        rate = model.rate(q, prior, z[None])
+        _, _, z, distortion, rate = one_draw(model, x, target, "objective=factorvae")
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         tc = torch.func.functional_call(self.discriminator, frozen, (z,)).squeeze(-1)
         codes = z.detach()

@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import matplotlib.pyplot as plt
-import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from vaelab.callbacks.images import tensorboard_writer
@@ -60,12 +59,10 @@ class DisentanglementLogger(L.Callback):
         writer = tensorboard_writer(trainer)
         if writer is None:
             return
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=devices):
-            results, figures = disentanglement.report(
-                pl_module.model, datamodule, pl_module.device, self.protocol
-            )
+        results, figures = disentanglement.report(
+            pl_module.model, datamodule, pl_module.device, self.protocol
+        )
         step = trainer.global_step
         self.results = disentanglement.scalars(results)
         for name, value in self.results.items():

@@ -96,7 +96,8 @@ class FactorSource(ImageSource):
         raise NotImplementedError
 
     def read(self, data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
-        images, factors = self.grid_images(data_dir), self.factors.grid()
+        images = self.grid_images(data_dir)  # first: a file may carry the factors' values
+        factors = self.factors.grid()
         if split == "train":
             return images, factors
         n = min(self.test_size, len(images))
@@ -211,10 +212,6 @@ class DSprites(FactorSource):
         grid[order] = torch.as_tensor(images, dtype=torch.uint8).unsqueeze(1) * 255
         self.image_shape = (1, *images.shape[1:])
         return grid
-
-    def read(self, data_dir, split: str) -> tuple[Tensor, Tensor]:
-        self.grid_images(data_dir)  # the factor values come with the file
-        return super().read(data_dir, split)
 
 
 # --- the procedural dSprites-like grid -----------------------------------------------------------

@@ -397,25 +397,28 @@ def report(
     """(results of `evaluate` on the data's factor grid, pictures): `traversals_all` (a PNG grid:
     one row per latent dimension, most variable first, one column per value over the prior's
     central 99.7%, from one image), `traversal_frames` (the frames of an animated GIF: rows
-    dimensions, columns `images` grid images) and `factor_mi` (the MI heat map figure)."""
+    dimensions, columns `images` grid images) and `factor_mi` (the MI heat map figure). Draws
+    nothing from the caller's random state."""
     from vaelab.evaluation import pictures
     from vaelab.models.base import prior_quantiles
 
     protocol = protocol or Protocol()
     was_training = model.training
     model.eval()
-    try:
-        codes = encode_grid(model, datamodule, device)
-        results = evaluate(codes, datamodule.factors, protocol)
-        order = torch.argsort(codes.double().var(0), descending=True).tolist()
-        generator = torch.Generator().manual_seed(protocol.seed)
-        rows = torch.randint(len(codes), (images,), generator=generator)
-        inputs = datamodule.preprocess(datamodule.factor_grid()[rows].to(device))
-        inputs = inputs.to(model_dtype(model))
-        limits = prior_quantiles(model.prior(), torch.tensor([0.00135, 0.99865]))
-        frames, grid = pictures.traversal_frames(model, inputs, order, limits)
-    finally:
-        model.train(was_training)
+    # outside the caller's random state (dynamic binarisation draws when encoding the grid)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            codes = encode_grid(model, datamodule, device)
+            results = evaluate(codes, datamodule.factors, protocol)
+            order = torch.argsort(codes.double().var(0), descending=True).tolist()
+            generator = torch.Generator().manual_seed(protocol.seed)
+            rows = torch.randint(len(codes), (images,), generator=generator)
+            inputs = datamodule.preprocess(datamodule.factor_grid()[rows].to(device))
+            inputs = inputs.to(model_dtype(model))
+            limits = prior_quantiles(model.prior(), torch.tensor([0.00135, 0.99865]))
+            frames, grid = pictures.traversal_frames(model, inputs, order, limits)
+        finally:
+            model.train(was_training)
     figure = pictures.factor_mi_figure(
         results["mi_matrix"] if "mi_matrix" in results else np.zeros((codes.shape[1], 1)),
         datamodule.factors.names if "mi_matrix" in results else ("(mig off)",),

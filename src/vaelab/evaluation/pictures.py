@@ -86,20 +86,34 @@ def samples_per_row(sample_labels: Tensor | None) -> int:
     return 8 if sample_labels is None else int((sample_labels == sample_labels[0]).sum())
 
 
+def traversal_decodes(
+    model: LatentVariableModel,
+    inputs: Tensor,
+    dims: list[int],
+    limits: Tensor,
+    steps: int = TRAVERSAL_STEPS,
+) -> Tensor:
+    """Means of p(x|z) with each dimension d of `dims` of E_q[z] swept over `steps` values from
+    limits[0, d] to limits[1, d] (the prior's marginal quantiles): (S, K, N, C, H, W) for S
+    steps, K dimensions and N images."""
+    fractions = torch.linspace(0, 1, steps, device=inputs.device)
+    limits = limits.to(inputs.device)
+    means = model.posterior(inputs).mean  # (N, D)
+    codes = means[None, None].repeat(steps, len(dims), 1, 1)  # (S, K, N, D)
+    for row, dim in enumerate(dims):
+        values = limits[0, dim] + fractions * (limits[1, dim] - limits[0, dim])  # (S,)
+        codes[:, row, :, dim] = values[:, None]
+    decoded = model.decode(codes.reshape(-1, means.shape[-1])).mean
+    return decoded.reshape(steps, len(dims), len(inputs), *decoded.shape[1:])
+
+
 def traversals(
     model: LatentVariableModel, inputs: Tensor, kl_order: list[int], limits: Tensor
 ) -> Tensor:
     """One row per (image, top dimension): that dimension of E_q[z] swept from limits[0, d] to
     limits[1, d] (the prior's marginal quantiles)."""
-    dims = kl_order[:TRAVERSAL_DIMS]
-    fractions = torch.linspace(0, 1, TRAVERSAL_STEPS, device=inputs.device)
-    limits = limits.to(inputs.device)
-    means = model.posterior(inputs).mean  # (N, D)
-    codes = means[:, None, None, :].repeat(1, len(dims), TRAVERSAL_STEPS, 1)  # (N, K, S, D)
-    for row, dim in enumerate(dims):
-        codes[:, row, :, dim] = limits[0, dim] + fractions * (limits[1, dim] - limits[0, dim])
-    decoded = model.decode(codes.reshape(-1, means.shape[-1])).mean
-    return grid(decoded, nrow=TRAVERSAL_STEPS)
+    decoded = traversal_decodes(model, inputs, kl_order[:TRAVERSAL_DIMS], limits)
+    return grid(decoded.permute(2, 1, 0, 3, 4, 5).flatten(0, 2), nrow=TRAVERSAL_STEPS)
 
 
 def latent_scatter(means: Tensor, labels: Tensor, title: str) -> plt.Figure:
@@ -162,15 +176,7 @@ def traversal_frames(
     frame s (for an animated GIF) has one row per dimension and one column per image, each
     dimension of E_q[z] set to the s-th of `steps` values from limits[0, d] to limits[1, d];
     `grid` (a PNG) has one row per dimension and one column per value, for the first image."""
-    fractions = torch.linspace(0, 1, steps, device=inputs.device)
-    limits = limits.to(inputs.device)
-    means = model.posterior(inputs).mean  # (N, D)
-    codes = means[None, None].repeat(steps, len(dims), 1, 1)  # (S, K, N, D)
-    for row, dim in enumerate(dims):
-        values = limits[0, dim] + fractions * (limits[1, dim] - limits[0, dim])  # (S,)
-        codes[:, row, :, dim] = values[:, None]
-    decoded = model.decode(codes.reshape(-1, means.shape[-1])).mean
-    decoded = decoded.reshape(steps, len(dims), len(inputs), *decoded.shape[1:])
+    decoded = traversal_decodes(model, inputs, dims, limits, steps)
     frames = [grid(decoded[s].flatten(0, 1), nrow=len(inputs)) for s in range(steps)]
     first = decoded[:, :, 0].transpose(0, 1).flatten(0, 1)  # (K * S, C, H, W)
     return frames, grid(first, nrow=steps)
