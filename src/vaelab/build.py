@@ -22,6 +22,7 @@ from vaelab.data import ImageDataModule
 from vaelab.errors import (
     ConfigError,
     VaelabError,
+    require,
     require_betas,
     require_int,
     require_number,
@@ -120,6 +121,11 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
         raise ConfigError(f"trainer: {first_line}") from e
 
 
+def compile_choice(value: Any) -> bool:
+    require(isinstance(value, bool), f"compile must be true or false, got {value!r}")
+    return value
+
+
 def build_module(
     cfg: DictConfig,
     datamodule: ImageDataModule,
@@ -159,4 +165,5 @@ def build_module(
         monitor=monitor["metric"],
         bpd_offset=likelihood.bpd_offset(pixel_model),
         run_config=run_config,
+        compile=compile_choice(cfg.get("compile", False)),
     )

@@ -16,6 +16,7 @@ and the random-state bookkeeping of evaluation and resume are callbacks
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from vaelab.errors import VaelabError
+from vaelab.evaluation.metrics import compile_options
 from vaelab.models import LatentVariableModel
+
+log = logging.getLogger(__name__)
 
 Objective = Callable[..., dict[str, Tensor]]  # (model, inputs, targets, step) -> named parts
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -44,11 +49,13 @@ class VAEModule(L.LightningModule):
         monitor: str = "val/elbo",
         bpd_offset: float | None = None,
         run_config: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         """`monitor`: the metric a plateau scheduler watches (the run's `monitor.metric`).
         `bpd_offset`: from the likelihood for the data's pixel model (None: no bits per
         dimension). `run_config`: the resolved run config, saved as hyper-parameters, so
-        checkpoints carry it and TensorBoard's HParams tab shows it."""
+        checkpoints carry it and TensorBoard's HParams tab shows it. `compile`: run the training
+        step's objective through torch.compile (`CompiledObjective`)."""
         super().__init__()
         self.model = model
         self.objective = objective
@@ -60,6 +67,7 @@ class VAEModule(L.LightningModule):
         self.last_terms: dict[str, Tensor] = {}
         self.logged_step: int | None = None  # the last training step whose parts were logged
         self.num_dims = math.prod(model.image_shape)
+        self.compiled_objective = CompiledObjective(objective) if compile else None
         if run_config is not None:
             self.save_hyperparameters(run_config)
 
@@ -69,9 +77,12 @@ class VAEModule(L.LightningModule):
             inputs, targets = inputs.to(self.dtype), targets.to(self.dtype)
         training = stage == "train"
         with self.model.conditioned(labels if self.model.conditional else None):
-            parts = self.objective(
-                self.model, inputs, targets, step=self.global_step if training else None
-            )
+            if training and self.compiled_objective is not None:
+                parts = self.compiled_objective(self.model, inputs, targets, self.global_step)
+            else:
+                parts = self.objective(
+                    self.model, inputs, targets, step=self.global_step if training else None
+                )
             if not training and "rate" in parts:  # a hierarchical model: layers with codes
                 for name, value in self.model.layer_rates(inputs).items():
                     parts[f"rate_{name}"] = value
@@ -139,3 +150,54 @@ class VAEModule(L.LightningModule):
                 "monitor": self.monitor,
             },
         }
+
+
+class CompiledObjective:
+    """The training step's objective through `torch.compile` (`compile=true` in train.yaml): the
+    model's forward pass (encoder, reparameterised draws, decoder, the likelihood's log-density,
+    the KL) and the loss become one graph, its backward pass another (AOTAutograd), so that the
+    element-wise work between the matrix products runs as a few fused loops instead of dozens of
+    separate kernels and Python calls. Shapes are static: one compilation per training batch
+    size (two per run when the last batch of an epoch is smaller), a few seconds each on a CPU.
+    The step counter goes in as a 0-d tensor, so the KL schedule's beta changes without
+    recompiling. Random draws come from torch's generator as in eager mode
+    (`fallback_random`): the same seed gives the same draws, and exact resume holds. Validation
+    and test stay eager. If compiling fails (no C++ compiler on a CPU machine, an operation the
+    compiler does not support), one warning says so and training goes on eagerly.
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.options = {**compile_options(), "fallback_random": True}
+        self.fn: Callable[..., dict[str, Tensor]] | None = None  # built on the first call
+        self.failed = False
+
+    def eager(
+        self, model: LatentVariableModel, inputs: Tensor, targets: Tensor, step: Tensor
+    ) -> dict[str, Tensor]:
+        return self.objective(model, inputs, targets, step=step)
+
+    def __call__(
+        self, model: LatentVariableModel, inputs: Tensor, targets: Tensor, step: int
+    ) -> dict[str, Tensor]:
+        if self.failed:
+            return self.objective(model, inputs, targets, step=step)
+        if self.fn is None:  # not in __init__: a module holding it stays picklable until fit
+            self.fn = torch.compile(self.eager, dynamic=False, options=self.options)
+            # The first step runs eagerly: it fills torch.distributions' cache of which KL
+            # function serves which pair of distributions, a lookup the compiler cannot trace
+            # (it would split the graph in two at kl_divergence).
+            return self.objective(model, inputs, targets, step=step)
+        try:  # compilation happens on a call: the first, and any with a new batch shape
+            return self.fn(model, inputs, targets, torch.tensor(step, device=inputs.device))
+        except VaelabError:
+            raise  # the objective's own checks: the same one-line error as eagerly
+        except Exception as e:  # any failure of the compiler stack: fall back, do not stop
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning(
+                "compile: torch.compile failed (%s: %s); training eagerly",
+                type(e).__name__,
+                first_line[:200],
+            )
+            self.failed = True
+            return self.objective(model, inputs, targets, step=step)

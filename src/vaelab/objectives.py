@@ -86,16 +86,23 @@ class KLSchedule:
         self.cycle_steps = cycle_steps
         self.cycle_ratio = cycle_ratio
 
-    def __call__(self, step: int | None) -> float:
-        """beta at a training step; None (evaluation) gives the target beta."""
-        if step is None:
+    @property
+    def constant(self) -> bool:
+        return self.schedule == "linear" and self.warmup_steps == 0
+
+    def __call__(self, step: int | Tensor | None) -> float | Tensor:
+        """beta at a training step; None (evaluation) gives the target beta. A 0-d tensor step
+        (the compiled training step's, so that one graph serves every step) gives a tensor."""
+        if step is None or self.constant:
             return self.beta
         if self.schedule == "cyclical":
             tau = (step % self.cycle_steps) / self.cycle_steps
-            return self.beta * min(1.0, tau / self.cycle_ratio)
-        if self.warmup_steps == 0:
-            return self.beta
-        return self.beta * min(1.0, step / self.warmup_steps)
+            ramp = tau / self.cycle_ratio
+        else:
+            ramp = step / self.warmup_steps
+        if isinstance(ramp, Tensor):
+            return self.beta * ramp.clamp(max=1.0)
+        return self.beta * min(1.0, ramp)
 
 
 class ELBO:
@@ -179,7 +186,7 @@ class ELBO:
             elbo=-(distortion + rate),
             rate=rate,
             distortion=distortion,
-            beta=torch.tensor(beta),
+            beta=torch.as_tensor(beta, dtype=torch.float32),
         )
 
     def __repr__(self) -> str:

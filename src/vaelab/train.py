@@ -94,6 +94,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger_kwargs = {TENSORBOARD_LOGGER: purge}
     loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("averaging"):  # after the others: they see the averaged weights at validation
+        callbacks.append(instantiate(cfg.averaging))
     callbacks += reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
     trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
     log.info("Output dir: %s", cfg.paths.output_dir)

@@ -74,7 +74,13 @@ SAFE_TORCH_CLASSES = frozenset(
 #: Lightning callbacks a user may swap in (and that runs saved before vaelab had its own bar name).
 SAFE_LIGHTNING_CLASSES = frozenset(
     f"lightning.pytorch.callbacks.{name}"
-    for name in ("TQDMProgressBar", "RichProgressBar", "ModelSummary", "EarlyStopping")
+    for name in (
+        "TQDMProgressBar",
+        "RichProgressBar",
+        "ModelSummary",
+        "EarlyStopping",
+        "EMAWeightAveraging",
+    )
 )
 #: Resolvers a saved config may call: none of them turns a string into a config node.
 SAFE_RESOLVERS = frozenset(

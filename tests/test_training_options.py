@@ -1,0 +1,157 @@
+"""Training options. compile=true: the training step's objective through torch.compile
+(vaelab.module.CompiledObjective) gives the eager numbers and gradients from the same draws,
+recompiles only for a new batch shape (not for every step of a KL schedule), falls back to eager
+with one warning when the compiler fails, and trains end to end. averaging=ema: the checkpoint
+holds the moving average."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers.models import binary_batch, chain_data, linear_chain, small_vae
+from helpers.runs import compose_train, tiny
+from torch._dynamo.utils import counters
+
+from vaelab import train as train_module
+from vaelab.errors import ConfigError
+from vaelab.module import CompiledObjective
+from vaelab.objectives import ELBO, IWAE, KLSchedule
+
+
+@pytest.fixture(autouse=True)
+def no_argument_checks():
+    """The compiled graph has no data-dependent branches; torch.distributions' argument checks
+    are one (they raise on bad values), so they stay off here as they are in training."""
+    torch.distributions.Distribution.set_default_validate_args(False)
+    yield
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        KLSchedule(beta=2.0, warmup_steps=100),
+        KLSchedule(schedule="cyclical", cycle_steps=100, cycle_ratio=0.5),
+        KLSchedule(beta=0.5),
+    ],
+    ids=["linear", "cyclical", "constant"],
+)
+def test_a_tensor_step_gives_the_schedules_values(schedule):
+    for step in (0, 25, 50, 99, 100, 125, 175, 250, 12345):
+        expected = schedule(step)
+        got = schedule(torch.tensor(step))
+        assert float(got) == pytest.approx(expected, rel=1e-6), step
+
+
+def loss_and_gradients(vae, objective, x, step, seed):
+    vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    parts = objective(vae, x, x, step)
+    parts["loss"].backward()
+    grads = [p.grad.clone() for p in vae.parameters()]
+    return parts, grads
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["elbo_warmup", "iwae", "iwae_dreg", "hvae_iwae_dreg"],
+)
+def test_compiled_objective_gives_the_eager_loss_and_gradients(case):
+    """Same draws (same seed), same loss parts and gradients, one graph for all steps."""
+    objective = {
+        "elbo_warmup": ELBO(kl_warmup_steps=10),
+        "iwae": IWAE(k=3),
+        "iwae_dreg": IWAE(k=3, estimator="dreg"),
+        "hvae_iwae_dreg": IWAE(k=3, estimator="dreg"),
+    }[case]
+    if case.startswith("hvae"):
+        vae, x = linear_chain()[0], chain_data(8)
+    else:
+        vae, x = small_vae(), binary_batch(8)
+    compiled = CompiledObjective(objective)
+    compiled(vae, x, x, 0)  # the first call runs eagerly
+    counters.clear()
+    for step in (1, 4, 7, 12):  # beta changes with the step until 10: one graph all the same
+        eager_fn = lambda *a: objective(*a[:3], step=a[3])  # noqa: E731
+        eager, eager_grads = loss_and_gradients(vae, eager_fn, x, step, step)
+        got, grads = loss_and_gradients(vae, compiled, x, step, step)
+        for name in ("loss", "elbo", "rate", "distortion"):
+            torch.testing.assert_close(got[name], eager[name], atol=1e-4, rtol=1e-5)
+        for g, e in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    assert not compiled.failed
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\ndetails that nobody needs")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    vae, x = small_vae(), binary_batch(8)
+    objective = ELBO()
+    compiled = CompiledObjective(objective)
+    with caplog.at_level(logging.WARNING, logger="vaelab.module"):
+        for step in range(3):
+            torch.manual_seed(step)
+            got = compiled(vae, x, x, step)
+            torch.manual_seed(step)
+            torch.testing.assert_close(got["loss"], objective(vae, x, x, step=step)["loss"])
+    assert compiled.failed
+    assert [r.getMessage() for r in caplog.records] == [
+        "compile: torch.compile failed (RuntimeError: no C++ compiler found); training eagerly"
+    ]
+
+
+def test_the_objectives_own_errors_are_not_swallowed(monkeypatch):
+    def refusing(model, x, target=None, step=None):
+        raise ConfigError("objective.something must be positive, got -1")
+
+    vae, x = small_vae(), binary_batch(4)
+    compiled = CompiledObjective(refusing)
+    with pytest.raises(ConfigError, match="must be positive"):
+        compiled(vae, x, x, 0)
+    with pytest.raises(ConfigError, match="must be positive"):
+        compiled(vae, x, x, 1)  # the compiled call: the same error, no fallback
+    assert not compiled.failed
+
+
+@pytest.mark.slow
+def test_train_with_compile_true(data_dir, tmp_path):
+    """A real run with the compiled step and a KL warm-up: one graph for the training batch
+    shape (256 training images: 8 full batches of 32) and none per step, no graph break, no
+    fallback, the checkpoint written."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        [*tiny(data_dir), "compile=true", "trainer.max_epochs=3", "objective.kl_warmup_steps=20"],
+        output_dir=run_dir,
+    )
+    counters.clear()
+    metrics = train_module.train(cfg)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert metrics["val/elbo"] > -600
+
+
+@pytest.mark.slow
+def test_ema_averaging_is_what_the_checkpoint_holds(data_dir, tmp_path):
+    """averaging=ema: the checkpoint's state_dict holds the moving average (updated once per
+    optimizer step), the trained weights are kept beside it for resume, and they differ."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        [*tiny(data_dir), "averaging=ema", "averaging.decay=0.9"], output_dir=run_dir
+    )
+    train_module.train(cfg)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    average, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert set(average) == set(current)
+    differs = [name for name in average if not torch.equal(average[name], current[name])]
+    assert differs, "the average equals the trained weights"
+    assert "n_averaged" in checkpoint["averaging_state"]
+    assert int(checkpoint["averaging_state"]["n_averaged"]) == checkpoint["global_step"]
