@@ -14,6 +14,9 @@ one warm-up epoch), the ratio vaelab / plain of those medians and of each round'
 shows the machine's drift), and the process's peak resident memory so far.
 
     python benchmarks/train_throughput.py --batch 128 512 --model mlp conv
+    python benchmarks/train_throughput.py --rounds 5 --repeats 2 compile=true   # compiled step
+
+Hydra overrides at the end apply to (b) only; the plain loop stays eager.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["mlp"])
     parser.add_argument("--images", type=int, default=60000, help="training set size")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating plain/vaelab rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating plain/vaelab rounds")
     parser.add_argument("--data-dir", type=Path, default=None, help="a folder with MNIST/raw/")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for vaelab")
     args = parser.parse_args()
