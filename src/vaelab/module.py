@@ -16,7 +16,6 @@ and the random-state bookkeeping of evaluation and resume are callbacks
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +25,8 @@ import torch
 from torch import Tensor
 
 from vaelab.errors import VaelabError
-from vaelab.evaluation.metrics import compile_options
+from vaelab.evaluation.metrics import compile_options, warn_compile_failed
 from vaelab.models import LatentVariableModel
-
-log = logging.getLogger(__name__)
 
 Objective = Callable[..., dict[str, Tensor]]  # (model, inputs, targets, step) -> named parts
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -193,11 +190,6 @@ class CompiledObjective:
         except VaelabError:
             raise  # the objective's own checks: the same one-line error as eagerly
         except Exception as e:  # any failure of the compiler stack: fall back, do not stop
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning(
-                "compile: torch.compile failed (%s: %s); training eagerly",
-                type(e).__name__,
-                first_line[:200],
-            )
+            warn_compile_failed("compile", e, "training eagerly")
             self.failed = True
             return self.objective(model, inputs, targets, step=step)

@@ -82,6 +82,18 @@ def compile_options() -> dict[str, bool]:
     return {"cpp.use_decompose_tanh": True} if hasattr(cpp, "use_decompose_tanh") else {}
 
 
+def warn_compile_failed(setting: str, error: Exception, fallback: str) -> None:
+    """The one warning when torch.compile fails and the caller goes on eagerly."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    log.warning(
+        "%s: torch.compile failed (%s: %s); %s",
+        setting,
+        type(error).__name__,
+        first_line[:200],
+        fallback,
+    )
+
+
 class CompiledLogWeights:
     """A model's `log_weights` with log p(x|z) (`model.log_likelihood`: the decoder and the
     likelihood's log-density, the bulk of the work) through `torch.compile`: the decoder's matrix
@@ -105,12 +117,7 @@ class CompiledLogWeights:
         try:  # compilation happens on a call: the first, and any with a new chunk shape
             return self.fn(x, z)
         except Exception as e:  # any failure of the compiler stack: fall back, do not stop
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning(
-                "eval.compile: torch.compile failed (%s: %s); evaluating eagerly",
-                type(e).__name__,
-                first_line[:200],
-            )
+            warn_compile_failed("eval.compile", e, "evaluating eagerly")
             self.fn = self.eager
             return self.eager(x, z)
 
