@@ -4,8 +4,9 @@ PyTorch loop, in one process, on the same model and data.
 (a) plain: a hand-written loop over an in-memory uint8 tensor: per-epoch permutation, slicing,
     dynamic binarisation (torch.bernoulli), Bernoulli ELBO with the closed-form KL,
     torch.optim.Adam (defaults).
-(b) vaelab: `vaelab.train` objects built from the real configs (data, model, objective,
-    optimizer, TensorBoard logger, progress bar, image and HParams callbacks), Trainer.fit.
+(b) vaelab: the objects train.py builds from the real configs (data, model, objective,
+    optimizer, TensorBoard logger, the run's callbacks: progress bar, image and HParams logging,
+    the NaN guard, ...; the Trainer through vaelab.build.build_trainer), Trainer.fit.
 
 The data are N MNIST-shaped images, synthetic unless --data-dir holds MNIST/raw/. Validation and
 checkpoint writing are off in (b), so both time the same training epoch. Each row: median
@@ -22,6 +23,7 @@ Hydra overrides at the end apply to (b) only; the plain loop stays eager.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -34,7 +36,6 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import open_dict
 from torch.nn import functional as F
 
@@ -42,8 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fake-IDX writer the tests use
 from helpers.runs import write_idx  # noqa: E402
 
-from vaelab.build import build_datamodule, build_model, build_module  # noqa: E402
-from vaelab.train import instantiate_group  # noqa: E402
+from vaelab.build import (  # noqa: E402
+    NVML_CHECK,
+    build_datamodule,
+    build_model,
+    build_module,
+    build_trainer,
+)
+from vaelab.train import instantiate_group, training_callbacks  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -77,7 +84,17 @@ def compose_config(model: str, batch: int, data_dir: Path, log_dir: Path, epochs
 
 
 def plain_epochs(cfg, images: torch.Tensor, batch: int, epochs: int) -> list[float]:
-    """The loop a user writes by hand."""
+    """The loop a user writes by hand, in a script that does not import Lightning (which turns
+    on torch's NVML-based CUDA check, a cost at each optimizer step where NVML is absent)."""
+    nvml_check = os.environ.pop(NVML_CHECK, None)
+    try:
+        return plain_loop(cfg, images, batch, epochs)
+    finally:
+        if nvml_check is not None:
+            os.environ[NVML_CHECK] = nvml_check
+
+
+def plain_loop(cfg, images: torch.Tensor, batch: int, epochs: int) -> list[float]:
     torch.manual_seed(0)
     vae = build_model(cfg, (1, 28, 28))
     encoder, decoder = vae.encoder, vae.decoder
@@ -117,9 +134,9 @@ def vaelab_epochs(cfg) -> list[float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     timer = EpochTimer()
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=[*instantiate_group(cfg.callbacks), timer],
+    trainer = build_trainer(
+        cfg,
+        callbacks=[*training_callbacks(cfg), timer],
         logger=instantiate_group(cfg.logger),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -2,11 +2,14 @@
 (vaelab.module.CompiledObjective) gives the eager numbers and gradients from the same draws,
 recompiles only for a new batch shape (not for every step of a KL schedule), falls back to eager
 with one warning when the compiler fails, and trains end to end. averaging=ema: the checkpoint
-holds the moving average."""
+holds the moving average. The Trainer is built without the failing NVML-based CUDA check
+where no NVIDIA driver is installed."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from helpers.runs import compose_train, tiny
 from torch._dynamo.utils import counters
 
 from vaelab import train as train_module
+from vaelab.build import NVML_CHECK, build_trainer
 from vaelab.errors import ConfigError
 from vaelab.module import CompiledObjective
 from vaelab.objectives import ELBO, IWAE, KLSchedule
@@ -155,3 +159,25 @@ def test_ema_averaging_is_what_the_checkpoint_holds(data_dir, tmp_path):
     assert differs, "the average equals the trained weights"
     assert "n_averaged" in checkpoint["averaging_state"]
     assert int(checkpoint["averaging_state"]["n_averaged"]) == checkpoint["global_step"]
+
+
+def nvml_loads() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(nvml_loads(), reason="NVML is installed here: Lightning's check stays on")
+def test_the_trainer_drops_lightnings_nvml_check_where_nvml_is_absent(
+    data_dir, tmp_path, monkeypatch
+):
+    """Lightning turns on torch's NVML-based CUDA check at import; without NVML it retries the
+    library load on every torch.cuda.is_available(), which the optimizer calls at every step.
+    Building the Trainer turns it off there, with the same answer from is_available()."""
+    monkeypatch.setenv(NVML_CHECK, "1")  # what importing Lightning does
+    available = torch.cuda.is_available()
+    build_trainer(compose_train(tiny(data_dir), output_dir=tmp_path))
+    assert NVML_CHECK not in os.environ
+    assert torch.cuda.is_available() == available

@@ -7,6 +7,8 @@ its own sizes; the likelihood must accept the data's pixel model.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +32,8 @@ from vaelab.errors import (
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
 
+#: torch's switch for an NVML-based torch.cuda.is_available(), which Lightning turns on at import.
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 #: Keys of an objective's config that describe how its runs are judged; not constructor args.
 OBJECTIVE_META = ("monitor", "report")
 
@@ -111,6 +115,7 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """instantiate(cfg.trainer); what Lightning refuses (precision=17, devices=0, an accelerator
     this machine lacks) is one line: Lightning's own message, which names the value."""
     check_trainer(cfg.trainer)
+    drop_failing_nvml_check()
     try:
         return instantiate(cfg.trainer, **kwargs)
     except InstantiationException as e:
@@ -119,6 +124,21 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
             raise
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ConfigError(f"trainer: {first_line}") from e
+
+
+def drop_failing_nvml_check() -> None:
+    """Lightning turns on torch's NVML-based CUDA check when imported (`torch.cuda.is_available()`
+    through NVML does not initialise CUDA, so processes forked later can still use the GPU).
+    Where NVML is absent (no NVIDIA driver), that check fails to load the library and falls back
+    to the CUDA runtime call that torch's default check makes, on every call, and the optimizer
+    calls it at every step: a failed library load per step that buys no fork safety. There,
+    torch's default check is used (the same answer)."""
+    if os.environ.get(NVML_CHECK) != "1":
+        return
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")  # the library torch's NVML check loads
+    except OSError:
+        del os.environ[NVML_CHECK]
 
 
 def compile_choice(value: Any) -> bool:

@@ -93,11 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         purge = {"purge_step": checkpoint_step(cfg.ckpt_path)}
         logger_kwargs = {TENSORBOARD_LOGGER: purge}
     loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    if cfg.get("averaging"):  # after the others: they see the averaged weights at validation
-        callbacks.append(instantiate(cfg.averaging))
-    callbacks += reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks=training_callbacks(cfg), logger=loggers or False)
     log.info("Output dir: %s", cfg.paths.output_dir)
     start = time.perf_counter()
     try:
@@ -125,6 +121,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_summary(summary)
         log.info("\n%s", format_run_summary(summary))
     return metrics
+
+
+def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The config's callbacks, then the weight averaging, then the reliability callbacks (the NaN
+    guard, the random-state bookkeeping), which go last."""
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("averaging"):  # after the others: they see the averaged weights at validation
+        callbacks.append(instantiate(cfg.averaging))
+    return callbacks + reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
 
 
 def requeued_checkpoint(cfg: DictConfig) -> Path | None:

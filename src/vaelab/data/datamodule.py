@@ -328,7 +328,7 @@ class ImageDataModule(L.LightningDataModule):
             resident = (split.images.to(device), split.labels.to(device))  # once per device
             self._resident[batch.split] = resident
         images, labels = resident
-        return images[batch.index], labels[batch.index]
+        return images.index_select(0, batch.index), labels.index_select(0, batch.index)
 
     def fetch(self, batch: IndexBatch | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(encoder inputs, clean targets, labels) of a loader's batch already on the device.
