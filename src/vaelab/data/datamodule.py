@@ -60,6 +60,27 @@ BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
 
 
+
+def as_float(bits: Tensor) -> Tensor:
+    """0/1 as float32; through a uint8 view, which is ~10x faster than bool -> float on CPU."""
+    return bits.view(torch.uint8).float()
+
+
+def bernoulli_255(pixels: Tensor) -> Tensor:
+    """x ~ Bernoulli(pixel / 255) per uint8 pixel, from random bytes.
+
+    With r0, r1, r2 independent uniform bytes, x = [r0 < p] or [r0 = 255] and ([r1 < p] or
+    [r1 = 255] and ([r2 < p] or r2 = p = 255)) has P(x) = p/256 + p/256² + p/256³ (+ 1/256³ at
+    p = 255): p/255 to a relative 2^-24 (a float32 uniform's resolution), black pixels always
+    0 and white ones always 1. Three bytes per pixel come from 64-bit draws, about 5x cheaper
+    on CPU than torch.randint's one 32-bit draw per byte; all in ~half its time."""
+    n = pixels.numel()
+    words = torch.empty((3, -(-n // 8)), dtype=torch.int64, device=pixels.device)
+    r0, r1, r2 = (r[:n].view(pixels.shape) for r in words.random_(-(2**63), None).view(torch.uint8))
+    p, white = pixels, torch.full_like(pixels, 255)  # a scalar operand is ~10x slower on CPU
+    leaf = (r2 < p) | ((r2 & p) == white)
+    return (r0 < p) | ((r0 == white) & ((r1 < p) | ((r1 == white) & leaf)))
+
 class ImageDataModule(L.LightningDataModule):
     """Any image dataset: `source` reads it, this class serves it (see the module docstring)."""
 
@@ -304,12 +325,9 @@ class ImageDataModule(L.LightningDataModule):
     def preprocess(self, images: Tensor) -> Tensor:
         """Stored pixels (bool or uint8, on any device) -> float model inputs in [0, 1]."""
         if images.dtype == torch.bool:
-            return images.float()
+            return as_float(images)
         if self.binarize == "dynamic":
-            # x ~ Bernoulli(pixel / 255), exactly: r uniform on {0, ..., 254} gives
-            # P(r < pixel) = pixel / 255, one integer comparison per pixel.
-            noise = torch.randint(0, 255, images.shape, dtype=torch.uint8, device=images.device)
-            return (noise < images).float()
+            return as_float(bernoulli_255(images))
         intensity = images.float()
         if self.dequantize:
             # u in [0, 1); the clamp stops float32 rounding pixel + u up to pixel + 1.
