@@ -60,7 +60,6 @@ BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
 
 
-
 def as_float(bits: Tensor) -> Tensor:
     """0/1 as float32; through a uint8 view, which is ~10x faster than bool -> float on CPU."""
     return bits.view(torch.uint8).float()
@@ -80,6 +79,7 @@ def bernoulli_255(pixels: Tensor) -> Tensor:
     p, white = pixels, torch.full_like(pixels, 255)  # a scalar operand is ~10x slower on CPU
     leaf = (r2 < p) | ((r2 & p) == white)
     return (r0 < p) | ((r0 == white) & ((r1 < p) | ((r1 == white) & leaf)))
+
 
 class ImageDataModule(L.LightningDataModule):
     """Any image dataset: `source` reads it, this class serves it (see the module docstring)."""
