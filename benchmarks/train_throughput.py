@@ -11,8 +11,9 @@ PyTorch loop, in one process, on the same model and data.
 The data are N MNIST-shaped images, synthetic unless --data-dir holds MNIST/raw/. Validation and
 checkpoint writing are off in (b), so both time the same training epoch. Each row: median
 samples/s over the timed epochs (--rounds alternating rounds of --repeats epochs, each round after
-one warm-up epoch), the ratio vaelab / plain of those medians and of each round's (the spread
-shows the machine's drift), and the process's peak resident memory so far.
+one warm-up epoch), the ratio vaelab / plain of those medians, each round's ratio (the spread
+shows the machine's drift) and their median (the paired figure: a round's two sides ran
+minutes apart, so slow drift cancels in it), and the process's peak resident memory so far.
 
     python benchmarks/train_throughput.py --batch 128 512 --model mlp conv
     python benchmarks/train_throughput.py --rounds 5 --repeats 2 compile=true   # compiled step
@@ -181,7 +182,7 @@ def main() -> None:
         rows = [
             f"{'model':>5} {'batch':>5} {'plain s/ep':>10} {'vaelab s/ep':>11} "
             f"{'plain samples/s':>15} {'vaelab samples/s':>16} {'ratio':>6} {'peak MB':>8}"
-            "  ratio per round"
+            "  ratio per round (median)"
         ]
         for model in args.model:
             for batch in args.batch:
@@ -204,12 +205,13 @@ def main() -> None:
                     plain += plain_round
                     ours += ours_round
                     ratio = statistics.median(plain_round) / statistics.median(ours_round)
-                    round_ratios.append(f"{ratio:.2f}")
+                    round_ratios.append(ratio)
                 plain_s, ours_s = statistics.median(plain), statistics.median(ours)
                 rows.append(
                     f"{model:>5} {batch:>5} {plain_s:10.2f} {ours_s:11.2f} "
                     f"{n / plain_s:15.0f} {n / ours_s:16.0f} {plain_s / ours_s:6.2f} "
-                    f"{peak_rss_mb():8.0f}  {' '.join(round_ratios)}"
+                    f"{peak_rss_mb():8.0f}  {' '.join(f'{r:.2f}' for r in round_ratios)} "
+                    f"({statistics.median(round_ratios):.2f})"
                 )
         print("\n".join(rows))  # after the progress bars, which share the terminal
 
