@@ -15,6 +15,7 @@ import torchvision
 from helpers.runs import fake_images, write_fake_dataset, write_idx
 
 from vaelab.data import MNIST, FashionMNIST, ImageDataModule, ImageSource
+from vaelab.data.datamodule import bernoulli_255
 from vaelab.data.datasets import (
     IndexBatch,
     InMemoryImages,
@@ -705,10 +706,9 @@ def test_the_source_must_be_an_image_source():
 
 
 def test_bernoulli_255_matches_its_closed_form_per_intensity():
-    """P(x = 1) = p/256 + p/256² + p/256³ (+ 1/256³ at p = 255), i.e. p/255 to 2^-24; checked
-    for every intensity against the exact value and the frequency's binomial spread."""
-    from vaelab.data.datamodule import bernoulli_255
-
+    """P(x = 1) = p/256 + p/256² + p/256³ (+ 1/256³ at p = 255), i.e. p/255 to 2^-24: black
+    is always 0, white always 1, and every other intensity's frequency is within 5 binomial
+    standard deviations of p/255."""
     torch.manual_seed(0)
     pixels = torch.arange(256, dtype=torch.uint8).repeat(4000)
     draws = torch.stack([bernoulli_255(pixels) for _ in range(10)]).view(-1, 256).double()
