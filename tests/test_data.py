@@ -15,7 +15,8 @@ import torchvision
 from helpers.runs import fake_images, write_fake_dataset, write_idx
 
 from vaelab.data import MNIST, FashionMNIST, ImageDataModule, ImageSource
-from vaelab.data.datamodule import bernoulli_255
+from vaelab.data import datamodule as datamodule_module
+from vaelab.data.datamodule import bernoulli_255, from_three_bytes
 from vaelab.data.datasets import (
     IndexBatch,
     InMemoryImages,
@@ -716,3 +717,47 @@ def test_bernoulli_255_matches_its_closed_form_per_intensity():
     frequency, n = draws.mean(0), draws.shape[0]
     assert frequency[0] == 0 and frequency[255] == 1
     assert ((frequency - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all()
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 127, 128, 254, 255])
+def test_the_three_byte_rule_gives_p_over_255_exactly_as_documented(p):
+    """Over all 256³ byte triples the rule says 1 for exactly p * 65793 (+ 1 at p = 255) of
+    them: P(x) = p/256 + p/256² + p/256³ (+ 1/256³ at p = 255), without sampling error."""
+    byte = torch.arange(256, dtype=torch.uint8)
+    r0, r1, r2 = (
+        byte.view(shape).expand(256, 256, 256).reshape(-1)
+        for shape in ((256, 1, 1), (1, 256, 1), (1, 1, 256))
+    )
+    pixels = torch.full_like(r0, p)
+    ones = int(from_three_bytes(pixels, r0, r1, r2).sum())
+    assert ones == p * 65793 + (p == 255)
+
+
+def test_the_cpu_path_draws_later_bytes_for_ties_only_and_follows_the_same_rule(monkeypatch):
+    """On a CPU the second and third bytes are drawn only for the pixels tied so far; fed the
+    bytes the three-byte rule would read at those pixels (ties made common on purpose), it
+    decides every pixel as that rule does."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g)
+    pixels[:8] = 255
+    pixels[8:16] = 0
+
+    def tie_half(r: torch.Tensor) -> torch.Tensor:  # every other byte equal to its pixel
+        return torch.where(torch.arange(len(r)) % 2 == 0, pixels, r)
+
+    r0, r1, r2 = (
+        tie_half(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=g)) for _ in "abc"
+    )
+    ties0 = (r0 == pixels).nonzero().squeeze(1)
+    ties1 = ties0[(r1[ties0] == pixels[ties0]).nonzero().squeeze(1)]
+    served = [r0, r1[ties0], r2[ties1]]
+    asked = []
+
+    def fake_random_bytes(n, device="cpu"):
+        asked.append(n)
+        return served[len(asked) - 1]
+
+    monkeypatch.setattr(datamodule_module, "random_bytes", fake_random_bytes)
+    got = bernoulli_255(pixels.view(64, 1, 8, 8))
+    assert asked == [4096, len(ties0), len(ties1)] and 0 < len(ties1) < len(ties0) < 4096
+    assert torch.equal(got.view(-1), from_three_bytes(pixels, r0, r1, r2))

@@ -15,12 +15,14 @@ import pytest
 import torch
 from helpers.models import binary_batch, chain_data, linear_chain, small_vae
 from helpers.runs import compose_train, tiny
+from lightning.pytorch.profilers import SimpleProfiler
 from torch._dynamo.utils import counters
 
 from vaelab import train as train_module
-from vaelab.build import NVML_CHECK, build_trainer
+from vaelab.build import NVML_CHECK, NoProfiler, build_datamodule, build_module, build_trainer
+from vaelab.data.datasets import IndexBatch
 from vaelab.errors import ConfigError
-from vaelab.module import CompiledObjective
+from vaelab.module import CompiledObjective, VAEModule
 from vaelab.objectives import ELBO, IWAE, KLSchedule
 
 
@@ -181,3 +183,43 @@ def test_the_trainer_drops_lightnings_nvml_check_where_nvml_is_absent(
     build_trainer(compose_train(tiny(data_dir), output_dir=tmp_path))
     assert NVML_CHECK not in os.environ
     assert torch.cuda.is_available() == available
+
+
+def test_the_trainer_profiles_nothing_unless_asked(data_dir, tmp_path):
+    """Without trainer.profiler, hooks run in one shared null context (Lightning's default
+    profiler enters a fresh context manager per hook per callback); a named profiler is kept."""
+    quiet = build_trainer(compose_train(tiny(data_dir), output_dir=tmp_path))
+    assert isinstance(quiet.profiler, NoProfiler)
+    assert quiet.profiler.profile("a") is quiet.profiler.profile("b")
+    with quiet.profiler.profile("[Callback]x.on_train_batch_end") as action:
+        assert action is None
+    cfg = compose_train([*tiny(data_dir), "+trainer.profiler=simple"], output_dir=tmp_path)
+    assert isinstance(build_trainer(cfg).profiler, SimpleProfiler)
+
+
+def test_an_index_batch_moves_as_itself_and_other_batches_as_lightning_moves_them(data_dir):
+    datamodule = build_datamodule(compose_train(tiny(data_dir)))
+    index = torch.arange(5)
+    moved = datamodule.transfer_batch_to_device(IndexBatch("val", index), torch.device("cpu"), 0)
+    assert isinstance(moved, IndexBatch) and moved.split == "val"
+    assert torch.equal(moved.index, index)
+    pair = (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.arange(2))
+    moved = datamodule.transfer_batch_to_device(pair, torch.device("cpu"), 0)
+    assert isinstance(moved, tuple) and all(
+        torch.equal(a, b) for a, b in zip(moved, pair, strict=True)
+    )
+
+
+def test_the_per_step_attributes_are_plain_and_modules_still_register(data_dir):
+    """VAEModule sets Lightning's current hook name and its per-step values as plain attributes
+    (no nn.Module bookkeeping); anything else still goes through nn.Module (a submodule set
+    later is registered and moves with the module)."""
+    cfg = compose_train(tiny(data_dir))
+    module = build_module(cfg, build_datamodule(cfg))
+    for name in VAEModule.PLAIN_ATTRIBUTES:
+        setattr(module, name, "value")
+        assert getattr(module, name) == "value" and module.__dict__[name] == "value"
+    module.extra = torch.nn.Linear(2, 2)
+    assert "extra" in module._modules and "extra.weight" in module.state_dict()
+    module.scale = torch.nn.Parameter(torch.ones(1))
+    assert "scale" in dict(module.named_parameters())

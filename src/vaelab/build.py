@@ -7,6 +7,7 @@ its own sizes; the likelihood must accept the data's pixel model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import warnings
@@ -18,6 +19,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.data import ImageDataModule
@@ -116,6 +118,8 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     this machine lacks) is one line: Lightning's own message, which names the value."""
     check_trainer(cfg.trainer)
     drop_failing_nvml_check()
+    if cfg.trainer.get("profiler") is None and "profiler" not in kwargs:
+        kwargs["profiler"] = NoProfiler()
     try:
         return instantiate(cfg.trainer, **kwargs)
     except InstantiationException as e:
@@ -124,6 +128,18 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
             raise
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ConfigError(f"trainer: {first_line}") from e
+
+
+class NoProfiler(PassThroughProfiler):
+    """The Trainer's profiler when none is asked for (`trainer.profiler=simple` or `advanced`
+    still profile): Lightning's default one enters a generator-based context manager around every
+    hook of every callback, ~140 times per training step, each a few microseconds of Python that
+    time nothing; this one returns the same reusable null context."""
+
+    _nothing = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._nothing
 
 
 def drop_failing_nvml_check() -> None:
