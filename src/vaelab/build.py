@@ -132,9 +132,9 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
 
 class NoProfiler(PassThroughProfiler):
     """The Trainer's profiler when none is asked for (`trainer.profiler=simple` or `advanced`
-    still profile): Lightning's default one enters a generator-based context manager around every
-    hook of every callback, ~140 times per training step, each a few microseconds of Python that
-    time nothing; this one returns the same reusable null context."""
+    still profile): Lightning's default one enters a new generator-based context manager around
+    every hook of every callback, ~140 times per training step, to time nothing; this one returns
+    the same reusable null context."""
 
     _nothing = contextlib.nullcontext()
 

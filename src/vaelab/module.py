@@ -70,7 +70,7 @@ class VAEModule(L.LightningModule):
 
     #: Set at every training step (Lightning's current hook name, ~20 times a step; the guard's
     #: terms; the last logged step): plain attributes, never parameters, buffers or modules, so
-    #: they skip nn.Module.__setattr__'s checks for those (~2 us each).
+    #: they skip nn.Module.__setattr__'s checks for those (benchmarks/README.md).
     PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "last_terms", "logged_step"})
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -186,7 +186,10 @@ class CompiledObjective:
         parts = self.objective(model, inputs, targets, step=step)
         # Only the loss is differentiated: the other parts leave the graph as plain values, so
         # the compiled backward takes one incoming gradient instead of one per part.
-        return {name: v if name == "loss" else v.detach() for name, v in parts.items()}
+        return {
+            name: v.detach() if name != "loss" and isinstance(v, Tensor) else v
+            for name, v in parts.items()
+        }
 
     def __call__(
         self, model: LatentVariableModel, inputs: Tensor, targets: Tensor, step: int
@@ -196,8 +199,7 @@ class CompiledObjective:
         if self.fn is None:  # not in __init__: a module holding it stays picklable until fit
             options = dict(self.options)
             if inputs.device.type == "cpu":
-                # the graph's calls in generated C++ instead of Python: ~0.25 ms less per step
-                # for the default MLP at batch 128 on two cores (benchmarks/README.md)
+                # the graph's calls from generated C++ instead of Python (benchmarks/README.md)
                 options.setdefault("cpp_wrapper", True)
             self.fn = torch.compile(self.eager, dynamic=False, options=options)
             # The first step runs eagerly: it fills torch.distributions' cache of which KL

@@ -81,8 +81,8 @@ def bernoulli_255(pixels: Tensor) -> Tensor:
     float32 uniform's resolution), black pixels always 0 and white ones always 1. Only a tie
     (r = p, one pixel in 256) reads the next byte, so on a CPU, where drawing the random bits is
     most of the cost, the next bytes are drawn for the tied pixels alone (~1.004 bytes per pixel
-    instead of 3; 2x faster at batch 512); on an accelerator, where picking out the ties would
-    wait for the device, all three bytes are drawn for every pixel (`from_three_bytes`)."""
+    instead of 3; figures in benchmarks/README.md); on an accelerator, where picking out the ties
+    would wait for the device, all three bytes are drawn for every pixel (`from_three_bytes`)."""
     flat = pixels.reshape(-1)
     if flat.device.type == "cpu":
         return refine_ties(flat).view(pixels.shape)
