@@ -28,12 +28,20 @@ from helpers.runs import (
         ("model.encoder.hidden_dims=[64,-3]", ["hidden_dims", "-3"]),
         # optimizer, scheduler, trainer and seed: torch's and Lightning's own refusals (or a
         # ZeroDivisionError at the first step) become one line naming the value
-        ("optimizer.lr=-1", ["optimizer.lr", ">= 0", "-1"]),
+        ("optimizer.lr=-1", ["optimizer.lr", "(0, inf)", "-1"]),
+        ("optimizer.lr=0", ["optimizer.lr", "(0, inf)", "got 0"]),  # would train nothing
+        ("optimizer.lr=.inf", ["optimizer.lr", "(0, inf)", "inf"]),
         ("optimizer.lr=abc", ["optimizer.lr", "'abc'"]),
-        ("+optimizer.eps=-1", ["optimizer.eps", ">= 0", "-1"]),
+        ("+optimizer.eps=-1", ["optimizer.eps", "(0, inf)", "-1"]),
+        (
+            "optimizer._target_=torch.optim.SGD ~optimizer.fused +optimizer.momentum=1.5",
+            ["optimizer.momentum", "[0, 1)", "1.5"],
+        ),
         ("+optimizer.betas=[0.9,1.5]", ["optimizer.betas", "[0, 1)", "1.5"]),
-        ("scheduler=cosine scheduler.T_max=0", ["CosineAnnealingLR", "T_max=0", "first step"]),
-        ("scheduler=plateau scheduler.factor=2", ["ReduceLROnPlateau", "factor=2", "< 1.0"]),
+        ("scheduler=cosine scheduler.T_max=0", ["scheduler.T_max", "[1, inf)", "got 0"]),
+        ("scheduler=cosine +scheduler.eta_min=0.01", ["scheduler.eta_min=0.01", "optimizer.lr"]),
+        ("scheduler=plateau scheduler.factor=2", ["scheduler.factor", "(0, 1)", "got 2"]),
+        ("scheduler=plateau scheduler.factor=0", ["scheduler.factor", "(0, 1)", "got 0"]),
         ("trainer.max_epochs=abc", ["trainer.max_epochs", "'abc'"]),
         ("trainer.log_every_n_steps=0", ["trainer.log_every_n_steps", ">= 1", "got 0"]),
         ("trainer.precision=17", ["trainer:", "Precision 17 is invalid", "bf16-mixed"]),

@@ -13,10 +13,10 @@ from helpers.runs import compose_train, run_script, tiny
 
 from vaelab import schedules
 from vaelab.build import build_datamodule, build_module
-from vaelab.checkpoints import load_checkpoint
 from vaelab.errors import ConfigError
 from vaelab.evaluation.metrics import CompiledLogWeights
 from vaelab.objectives import iwae_bound
+from vaelab.run.io import read_checkpoint as load_checkpoint
 from vaelab.schedules import StageDecay, TimeCosine, budget_seconds
 
 PAPER_LR = 1e-3

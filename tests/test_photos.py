@@ -277,10 +277,12 @@ def test_tiny_cifar10_run_and_evaluation_report_bits_per_dim(tmp_path):
 
     from helpers.runs import compose_evaluate
 
-    eval_cfg = compose_evaluate(
-        [f"run={run_dir}", f"paths.data_dir={tmp_path / 'data'}", "eval.k=4"],
-        output_dir=tmp_path / "evaluation",
-    )
+    # the run's data.source.verify=false is never read from its checkpoint: the evaluation
+    # checks the md5 unless its own command line says otherwise
+    args = [f"run={run_dir}", f"paths.data_dir={tmp_path / 'data'}", "eval.k=4"]
+    with pytest.raises(DataError, match="has md5"):
+        evaluate.run(compose_evaluate(args, output_dir=tmp_path / "refused"))
+    eval_cfg = compose_evaluate([*args, "data.verify=false"], output_dir=tmp_path / "evaluation")
     evaluate.run(eval_cfg)
     report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     assert report["k"] == 4

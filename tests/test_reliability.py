@@ -26,8 +26,8 @@ from helpers.runs import (
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vaelab.callbacks import FiniteGuard
-from vaelab.checkpoints import SafeCheckpointIO
 from vaelab.errors import CheckpointError, NonFiniteError
+from vaelab.run.io import RunCheckpointIO
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -223,7 +223,7 @@ def test_resume_errors(data_dir, tmp_path):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     args = [f"resume={empty}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}"]
-    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), "no checkpoints/last.ckpt")
+    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), "no loadable checkpoint")
 
     first = run_script(
         "train.py", train_args(data_dir, tmp_path / "a", "trainer.max_epochs=1"), cwd=tmp_path
@@ -261,15 +261,15 @@ def test_wrong_types_are_one_line_errors(override, fragments, data_dir, tmp_path
 
 
 def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    io = SafeCheckpointIO()
+    io = RunCheckpointIO(tmp_path)
     path = tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("fsspec.implementations.local.LocalFileOpener.write", no_space)
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    monkeypatch.setattr("os.fsync", no_space)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous last.ckpt"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
     assert torch.equal(load(path)["state_dict"]["w"], torch.ones(2))  # not half-written
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp left

@@ -138,7 +138,7 @@ def test_train_with_compile_true(data_dir, tmp_path):
         output_dir=run_dir,
     )
     counters.clear()
-    metrics = train_module.train(cfg)
+    metrics, _ = train_module.train(cfg)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

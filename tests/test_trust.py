@@ -16,7 +16,7 @@ from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.build import build_module
 from vaelab.errors import ConfigError, LightningAPIError, private_api
-from vaelab.trust import check_targets, project_targets
+from vaelab.run.trust import check_saved, is_trusted, project_targets
 
 
 def test_the_trusted_targets_are_the_classes_of_the_project_configs():
@@ -41,7 +41,7 @@ def test_a_new_yaml_is_trusted_with_no_other_edit(tmp_path):
 )
 def test_refuses_what_a_package_prefix_would_have_let_through(target):
     with pytest.raises(ConfigError, match="refusing to instantiate"):
-        check_targets({"data": {"source": {"_target_": target}}}, "a checkpoint")
+        check_saved({"data": {"source": {"_target_": target}}}, "a checkpoint")
 
 
 @pytest.mark.parametrize("resolver", ["oc.create", "oc.decode", "oc.deprecated"])
@@ -49,21 +49,20 @@ def test_refuses_interpolations_that_build_nodes_it_never_saw(resolver):
     """`${oc.create:'{_target_: builtins.print}'}` holds no `_target_` key, but resolving it
     makes one (found in review: the hole predates the exact-name list)."""
     payload = f"${{{resolver}:'{{_target_: builtins.print, _args_: [pwned]}}'}}"
-    with pytest.raises(ConfigError, match=f"resolver {resolver} is not one of"):
-        check_targets({"prior": {"scale": payload}}, "a checkpoint")
-    check_targets(
-        {"paths": {"data_dir": "${oc.env:VAELAB_DATA_DIR,data}", "x": "${paths.y}"}}, "ok"
-    )
+    with pytest.raises(ConfigError, match="refusing the interpolation"):
+        check_saved({"prior": {"scale": payload}}, "a checkpoint")
+    for harmless_looking in ("${oc.env:HOME}", "${paths.y}", "x${model.latent_dim}"):
+        with pytest.raises(ConfigError, match="refusing the interpolation"):  # data, never code
+            check_saved({"paths": {"data_dir": harmless_looking}}, "a checkpoint")
 
 
 def test_user_packages_are_trusted_only_when_named():
-    config = {"prior": {"_target_": "myext.priors.Laplace"}}
     with pytest.raises(ConfigError, match="myext.priors.Laplace"):
-        check_targets(config, "a checkpoint")
-    check_targets(config, "a checkpoint", ["myext"])
-    check_targets(config, "a checkpoint", ["myext.priors.Laplace"])
-    with pytest.raises(ConfigError):
-        check_targets(config, "a checkpoint", ["myex"])  # a prefix of the name is not a package
+        check_saved({"prior": {"_target_": "myext.priors.Laplace"}}, "a checkpoint")
+    assert not is_trusted("myext.priors.Laplace")
+    assert is_trusted("myext.priors.Laplace", ["myext"])
+    assert is_trusted("myext.priors.Laplace", ["myext.priors.Laplace"])
+    assert not is_trusted("myext.priors.Laplace", ["myex"])  # a prefix of a name: no package
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ def test_shapes(shape, likelihood, grid, code_prior):
         (["objective=vq"], ["objective=vq trains a vector-quantised model"]),
         (["model=vqvae", "objective=vq", "prior=mog"], ["prior group", "does not apply"]),
         (["model=vqvae", "objective=vq", "model.codebook=kmeans"], ["model.codebook", "kmeans"]),
-        (["experiment=vqvae_prior"], ["autoencoder_run=<run dir"]),
+        (["experiment=vqvae_prior"], ["autoencoder_run is required", "autoencoder_run=<value>"]),
     ],
 )
 def test_errors_are_one_line(overrides, fragments, data_dir, tmp_path):

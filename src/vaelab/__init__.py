@@ -1,6 +1,8 @@
 """vaelab: variational autoencoder experiments with PyTorch Lightning and Hydra."""
 
+import os
 from datetime import datetime
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -9,15 +11,29 @@ from vaelab import quiet
 __version__ = "0.1.0"
 
 
-def _config_subdir(resume: str | None) -> str:
+def _config_subdir(resume: str | None) -> str | None:
     """Hydra's output_subdir: `.hydra`, or for resume=<run dir> a subfolder of it, so that the
-    run's original config stays as it was."""
-    return ".hydra" if resume is None else f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    run's original config stays as it was; none where that run's `.hydra` is a link (Hydra
+    would write through it before the run refuses the dir)."""
+    if resume is None:
+        return ".hydra"
+    if (Path(resume).expanduser() / ".hydra").is_symlink():
+        return None
+    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
-def _first_set(value: str | None, default: str) -> str:
-    """`value` unless it is null, else `default` (oc.select only falls back for missing keys)."""
-    return default if value is None else value
+def _run_dir(resume: str | None, parent: str) -> str:
+    """Hydra's run (or sweep) dir: resume=<run dir> itself, else a new, unique dir under
+    `parent` (vaelab.run.plan.run_dir_name)."""
+    if resume is not None:
+        return resume
+    from vaelab.run.plan import run_dir_name
+
+    existing = [p.name for p in Path(parent).iterdir()] if Path(parent).is_dir() else []
+    return str(
+        Path(parent)
+        / run_dir_name(f"{datetime.now():%Y-%m-%d_%H-%M-%S}", dict(os.environ), existing)
+    )
 
 
 def _run_name(number: int, overrides: str, limit: int = 200) -> str:
@@ -36,7 +52,7 @@ def _gpus_per_node(accelerator: str, devices: int | str) -> int:
 
 OmegaConf.register_new_resolver("vaelab.run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver("vaelab.gpus_per_node", _gpus_per_node, replace=True)
-OmegaConf.register_new_resolver("vaelab.first_set", _first_set, replace=True)
+OmegaConf.register_new_resolver("vaelab.run_dir", _run_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver(
     "vaelab.config_subdir", _config_subdir, use_cache=True, replace=True
 )

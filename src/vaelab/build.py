@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -28,16 +29,36 @@ from vaelab.errors import (
     VaelabError,
     require,
     require_betas,
+    require_in_range,
     require_int,
     require_number,
 )
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
+from vaelab.run.trust import OBJECTIVE_META
 
 #: torch's switch for an NVML-based torch.cuda.is_available(), which Lightning turns on at import.
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-#: Keys of an objective's config that describe how its runs are judged; not constructor args.
-OBJECTIVE_META = ("monitor", "report")
+INF = math.inf
+#: Optimizer and scheduler settings, wherever they appear, and the range in which a run trains
+#: at all, (low, high, closed on the left, closed on the right): outside it the learning rate is
+#: zero, negative or growing, and the run trains nothing or diverges without an error.
+TRAINABLE = {
+    "lr": (0, INF, False, False),
+    "eps": (0, INF, False, False),
+    "weight_decay": (0, INF, True, False),
+    "momentum": (0, 1, True, False),
+    "dampening": (0, 1, True, True),
+    "alpha": (0, 1, True, True),
+    "momentum_decay": (0, INF, True, False),
+    "gamma": (0, 1, False, True),
+    "factor": (0, 1, False, False),
+    "eta_min": (0, INF, True, False),
+    "min_lr": (0, INF, True, False),
+    "T_max": (1, INF, True, False),
+    "step_size": (1, INF, True, False),
+    "patience": (0, INF, True, False),
+}
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -66,11 +87,19 @@ def check_optimization(cfg: DictConfig, optimizer, scheduler, model: torch.nn.Mo
     a bad argument (optimizer.lr=-1, scheduler.T_max=0) is one line before any work starts, not
     torch's traceback at the first step."""
     settings = cfg.optimizer
-    for key in ("lr", "eps", "weight_decay", "momentum"):
-        if key in settings:
-            require_number(f"optimizer.{key}", settings[key], 0)
+    for group in ("optimizer", "scheduler"):
+        for key, value in (cfg.get(group) or {}).items():
+            if key in TRAINABLE:
+                require_in_range(f"{group}.{key}", value, *TRAINABLE[key])
     if "betas" in settings:
         require_betas("optimizer.betas", settings.betas)
+    for key in ("eta_min", "min_lr"):
+        if key in (cfg.get("scheduler") or {}) and "lr" in settings:
+            require(
+                cfg.scheduler[key] < settings.lr,
+                f"scheduler.{key}={cfg.scheduler[key]} must be below optimizer.lr={settings.lr} "
+                "(the schedule would raise the learning rate)",
+            )
     try:
         built = optimizer(model.parameters())
     except (ValueError, TypeError, RuntimeError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -57,6 +58,21 @@ def require_number(name: str, value: object, minimum: float) -> None:
         isinstance(value, int | float) and not isinstance(value, bool) and value >= minimum,
         f"{name} must be a number >= {minimum:g}, got {value!r}",
     )
+
+
+def require_in_range(
+    name: str, value: object, low: float, high: float, closed_low: bool, closed_high: bool
+) -> None:
+    """`value` is a finite real number in the interval, else a ConfigError naming `name`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    inside = (
+        number
+        and math.isfinite(value)
+        and (value >= low if closed_low else value > low)
+        and (value <= high if closed_high else value < high)
+    )
+    interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    require(inside, f"{name} must be a number in {interval}, got {value!r}")
 
 
 def require_betas(name: str, betas: object) -> None:

@@ -21,13 +21,12 @@ import matplotlib.pyplot as plt
 import torch
 import torchvision
 from lightning.pytorch.callbacks import TQDMProgressBar
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import quiet
 from vaelab.build import build_datamodule, build_module
 from vaelab.callbacks import RandomState
-from vaelab.checkpoints import checkpoint_config, find_checkpoint, load_checkpoint
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
 from vaelab.evaluation.disentanglement import protocol_from
@@ -35,6 +34,8 @@ from vaelab.evaluation.disentanglement import report as factor_report
 from vaelab.evaluation.disentanglement import scalars as disentanglement_scalars
 from vaelab.evaluation.metrics import check_compile_choice, evaluate_split, summarise
 from vaelab.evaluation.sweep import evaluate_sweep, is_sweep_dir
+from vaelab.run import io, plan
+from vaelab.run.trust import Site
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
@@ -87,15 +88,25 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate one run dir or checkpoint into out_dir; return its summary row. `label` names
     the run on the progress bars (a sweep's run dir)."""
+    run = Path(run).expanduser()
+    run_dir = run if run.is_dir() else None
+    if run.is_file() and run.parent.name == "checkpoints":
+        run_dir = run.parent.parent  # a checkpoint of a run dir: its TensorBoard gets the results
+    if run_dir is not None:
+        io.refuse_links(run_dir)  # the evaluation writes into its tensorboard/
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = find_checkpoint(run, cfg.eval.checkpoint)
-    checkpoint = load_checkpoint(ckpt_path)
-    train_cfg = checkpoint_config(checkpoint, ckpt_path, list(cfg.get("trusted_targets") or []))
-    with open_dict(train_cfg):
-        # Data live where this machine keeps them, not where the training machine did.
-        train_cfg.data.data_dir = cfg.paths.data_dir
-        if cfg.eval.batch_size is not None:
-            train_cfg.data.eval_batch_size = cfg.eval.batch_size
+    ckpt_path = io.find_checkpoint(run, cfg.eval.checkpoint)
+    saved, checkpoint = io.read_saved(ckpt_path, list(cfg.get("trusted_targets") or []))
+    data = cfg.get("data") or {}
+    site = Site(
+        out_dir,
+        cfg.paths.data_dir,
+        data.get("root"),
+        bool(data.get("download")),
+        str(ckpt_path),
+        verify=bool(data.get("verify", True)),
+    )
+    train_cfg = OmegaConf.create(plan.evaluation(saved, site, cfg.eval.batch_size))
     datamodule = build_datamodule(train_cfg)
     module = build_module(train_cfg, datamodule)
     try:
@@ -177,7 +188,7 @@ def evaluate_run(
         results,
         kl_order,
         out_dir,
-        ckpt_path,
+        run_dir,
         report,
         cfg.seed,
         tensorboard_metrics,
@@ -287,7 +298,7 @@ def draw(
     results,
     kl_order,
     out_dir: Path,
-    ckpt_path: Path,
+    run_dir: Path | None,
     report,
     seed: int,
     tensorboard_metrics: dict[str, float],
@@ -323,8 +334,7 @@ def draw(
     figure = pictures.latent_scatter(means, labels, f"posterior means ({report['split']} split)")
     figure.savefig(out_dir / f"{name}.png", dpi=120)
 
-    run_dir = ckpt_path.parent.parent
-    if ckpt_path.parent.name != "checkpoints" or not (run_dir / "tensorboard").is_dir():
+    if run_dir is None or not (run_dir / "tensorboard").is_dir():
         plt.close(figure)
         if factor_pictures is not None:
             plt.close(factor_pictures["factor_mi"])

@@ -1,7 +1,12 @@
-"""Training: compose -> instantiate -> Trainer.fit; returns the metrics it computed."""
+"""Training as one straight line: plan -> seed -> instantiate -> fit -> test -> summarise.
+
+`vaelab.run.plan` decides the run's config from the command (and the saved run it names, read
+as data); everything after that instantiates and runs what the plan says.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -10,22 +15,155 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluate, quiet
 from vaelab.build import build_datamodule, build_module, build_trainer
 from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
-from vaelab.errors import CheckpointError, require_int
-from vaelab.resume import checkpoint_step, resume_config
-from vaelab.stages import load_autoencoder, second_stage_config
+from vaelab.errors import CheckpointError, ConfigError, require_int
+from vaelab.run import io
+from vaelab.run.plan import Invocation, Plan, plan, source
+from vaelab.run.trust import CONFIG_DIR
 from vaelab.summary import format_run_summary, run_summary, write_summary
 
 log = logging.getLogger(__name__)
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+#: Set in the processes a DDP or multi-task launcher starts beside the first one of a run.
+WORKER_RANKS = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train one model; return the final epoch's metrics (and test metrics if cfg.test)."""
+    environment = dict(os.environ)
+    try:
+        metrics, _ = train(cfg)
+        return metrics
+    finally:
+        # A DDP run leaves its process group and Lightning's MASTER_PORT, LOCAL_RANK, ... in
+        # this process; the next run of a sweep must start clean.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train what the command asks for; (metrics, the objects built)."""
+    quiet.install()  # again: a caller's warnings.catch_warnings() may have reset the filters
+    invocation = invocation_of(cfg)
+    the_plan = plan(invocation, read_source(invocation))
+    config = OmegaConf.create(the_plan.config)
+    for note in the_plan.notes:
+        log.info("%s", note)
+    worker = any(int(os.environ.get(name, "0") or 0) > 0 for name in WORKER_RANKS)
+    claim = contextlib.nullcontext() if worker else io.claimed(invocation.run_dir, the_plan.fresh)
+    with claim:
+        return fit(config, the_plan, invocation.run_dir)
+
+
+def fit(config: DictConfig, the_plan: Plan, run_dir: Path) -> tuple[dict[str, float], dict]:
+    use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
+    torch.distributions.Distribution.set_default_validate_args(bool(config.get("validate_args")))
+    if config.get("seed") is not None:
+        require_int("seed", config.seed, 0)
+        L.seed_everything(config.seed, workers=True)
+    datamodule = build_datamodule(config)
+    module = build_module(config, datamodule, run_config=the_plan.config)
+    if the_plan.init_from is not None:
+        new = io.load_weights(module.model, the_plan.init_from)
+        log.info("weights from %s; new: %s", the_plan.init_from, ", ".join(new) or "none")
+    logger_kwargs = {}
+    if the_plan.ckpt_path is not None:
+        # Continuing: TensorBoard drops the events the interrupted run logged after this
+        # checkpoint (the SummaryWriter's purge_step), so the curves have no duplicated steps.
+        logger_kwargs = {TENSORBOARD_LOGGER: {"purge_step": io.checkpoint_step(the_plan.ckpt_path)}}
+    loggers = instantiate_group(config.get("logger"), **logger_kwargs)
+    optimizer_settings = OmegaConf.to_container(config.optimizer)
+    trainer = build_trainer(
+        config,
+        callbacks=training_callbacks(config),
+        logger=loggers or False,
+        plugins=[io.RunCheckpointIO(run_dir, optimizer_settings)],
+    )
+    log.info("Output dir: %s", run_dir)
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=the_plan.ckpt_path)
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{the_plan.ckpt_path} holds another model than this config builds ({detail})"
+        ) from e
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    if config.get("test"):
+        best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+        for results in trainer.test(
+            module, datamodule=datamodule, ckpt_path="best" if best else None
+        ):
+            metrics.update({name: float(value) for name, value in results.items()})
+    if config.get("final_evaluation") and trainer.is_global_zero:
+        metrics.update(final_evaluation(config, run_dir))
+    if trainer.is_global_zero:
+        summary = run_summary(trainer, config, metrics, time.perf_counter() - start)
+        write_summary(summary)
+        log.info("\n%s", format_run_summary(summary))
+    objects = {"config": config, "datamodule": datamodule, "module": module, "trainer": trainer}
+    return metrics, objects
+
+
+def invocation_of(cfg: DictConfig) -> Invocation:
+    """This command as plain data: its config resolved (a required `???` value is one line),
+    the keys its command line set, its run dir, the SLURM restart count."""
+    task = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    missing = missing_keys(task)
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: set {missing[0]}=<value> on the command line")
+    config = OmegaConf.to_container(task, resolve=True)
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        overrides = list(hydra.overrides.task)
+        # which option of each group, for the HParams table (a resumed run keeps its own)
+        config["choices"] = {
+            group: choice
+            for group, choice in hydra.runtime.choices.items()
+            if not group.startswith("hydra") and choice is not None
+        }
+    return Invocation(
+        config=config,
+        overrides=tuple(overrides),
+        run_dir=Path(cfg.paths.output_dir),
+        restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+    )
+
+
+def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """The `???` values, without resolving interpolations (one may point at a `???`)."""
+    found = []
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            found += missing_keys(node[key], f"{prefix}{key}.")
+    return found
+
+
+def read_source(invocation: Invocation):
+    """The saved run the command names (resume, requeue, second stage), read as data."""
+    found = source(invocation)
+    if found is None:
+        return None
+    kind, run_dir = found
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{kind}: {run_dir} is not a run dir")
+    io.refuse_links(run_dir)
+    trusted = list(invocation.config.get("trusted_targets") or [])
+    return io.newest_saved(run_dir, trusted)
 
 
 def instantiate_group(group: DictConfig | None, **kwargs_by_target: dict) -> list[Any]:
@@ -40,124 +178,41 @@ def instantiate_group(group: DictConfig | None, **kwargs_by_target: dict) -> lis
     ]
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train one model; return the final epoch's metrics (and test metrics if cfg.test)."""
-    environment = dict(os.environ)
-    try:
-        return train(cfg)
-    finally:
-        # A DDP run leaves its process group and Lightning's MASTER_PORT, LOCAL_RANK, ... in
-        # this process; the next run of a sweep must start clean.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environment)
-
-
-def train(cfg: DictConfig) -> dict[str, float]:
-    quiet.install()  # again: a caller's warnings.catch_warnings() may have reset the filters
-    if cfg.get("resume"):
-        cfg = resume_config(cfg)
-    elif requeued_checkpoint(cfg) is not None:
-        with open_dict(cfg):  # a requeued SLURM job: continue where it was stopped
-            cfg.ckpt_path = str(requeued_checkpoint(cfg))
-        log.info(
-            "requeued job (SLURM_RESTART_COUNT=%s): continuing from %s",
-            os.environ["SLURM_RESTART_COUNT"],
-            cfg.ckpt_path,
-        )
-    if "autoencoder_run" in cfg.keys() and not cfg.get("resume"):  # (keys(): also when ???)
-        cfg = second_stage_config(cfg)  # a code prior on a trained VQ-VAE (its model, data)
-    use_hydra_child_command()  # DDP processes join this run's dir, in a sweep too
-    torch.distributions.Distribution.set_default_validate_args(bool(cfg.get("validate_args")))
-    if cfg.get("seed") is not None:
-        require_int("seed", cfg.seed, 0)
-        L.seed_everything(cfg.seed, workers=True)
-    # The task config (a composed config may carry Hydra's own node, which is not the run's).
-    task_keys = [key for key in cfg if key != "hydra"]
-    run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, task_keys), resolve=True)
-    if HydraConfig.initialized():  # which option of each group, for the HParams table
-        run_config["choices"] = {
-            group: choice
-            for group, choice in HydraConfig.get().runtime.choices.items()
-            if not group.startswith("hydra") and choice is not None
-        }
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule, run_config=run_config)
-    if cfg.get("autoencoder_checkpoint") and not cfg.get("ckpt_path"):
-        load_autoencoder(module.model, cfg.autoencoder_checkpoint)  # (frozen by the model)
-    logger_kwargs = {}
-    if cfg.get("ckpt_path"):
-        # Continuing: TensorBoard drops the events the interrupted run logged after this
-        # checkpoint (the SummaryWriter's purge_step), so the curves have no duplicated steps.
-        purge = {"purge_step": checkpoint_step(cfg.ckpt_path)}
-        logger_kwargs = {TENSORBOARD_LOGGER: purge}
-    loggers = instantiate_group(cfg.get("logger"), **logger_kwargs)
-    trainer = build_trainer(cfg, callbacks=training_callbacks(cfg), logger=loggers or False)
-    log.info("Output dir: %s", cfg.paths.output_dir)
-    start = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except RuntimeError as e:
-        if "Error(s) in loading state_dict" not in str(e):
-            raise
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(
-            f"{cfg.ckpt_path} holds another model than this config builds ({detail})"
-        ) from e
-    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    if cfg.get("test"):
-        ckpt = (
-            "best"
-            if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
-            else None
-        )
-        for results in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt):
-            metrics.update({name: float(value) for name, value in results.items()})
-    if cfg.get("final_evaluation") and trainer.is_global_zero:
-        metrics.update(final_evaluation(cfg))
-    if trainer.is_global_zero:
-        summary = run_summary(trainer, cfg, metrics, time.perf_counter() - start)
-        write_summary(summary)
-        log.info("\n%s", format_run_summary(summary))
-    return metrics
-
-
-def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
+def training_callbacks(config: DictConfig) -> list[L.Callback]:
     """The config's callbacks, then the weight averaging, then the reliability callbacks (the NaN
     guard, the random-state bookkeeping), which go last."""
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    if cfg.get("averaging"):  # after the others: they see the averaged weights at validation
-        callbacks.append(instantiate(cfg.averaging))
-    return callbacks + reliability_callbacks(check_finite=bool(cfg.get("check_finite", True)))
+    callbacks = instantiate_group(config.get("callbacks"))
+    if config.get("averaging"):  # after the others: they see the averaged weights at validation
+        callbacks.append(instantiate(config.averaging))
+    return callbacks + reliability_callbacks(check_finite=bool(config.get("check_finite", True)))
 
 
-def requeued_checkpoint(cfg: DictConfig) -> Path | None:
-    """This run dir's last.ckpt when the job is a SLURM requeue of itself (SLURM_RESTART_COUNT
-    > 0, the same config in the same run dir) and no checkpoint was named; else None."""
-    if cfg.get("ckpt_path") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
-        return None
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
-
-
-def final_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the run's checkpoint (best, unless `final_evaluation.checkpoint` says last) as
-    `evaluate.py run=<run dir>` would, with the `final_evaluation` settings (e.g. k) as eval.*
-    overrides, into <run dir>/evaluation."""
-    run_dir = Path(cfg.paths.output_dir)
-    settings = [f"eval.{key}={value}" for key, value in cfg.final_evaluation.items()]
-    trusted = list(cfg.get("trusted_targets") or [])
-    eval_cfg = compose(
-        "evaluate",
-        overrides=[
-            f"run={run_dir}",
-            f"paths.data_dir={cfg.paths.data_dir}",
-            f"trusted_targets={trusted}",
-            *settings,
-        ],
+def final_evaluation(config: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Evaluate the run's checkpoint as `evaluate.py run=<run dir>` would, with the
+    `final_evaluation` settings as `eval.*`, into <run dir>/evaluation."""
+    eval_cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
+    del eval_cfg["defaults"]
+    unknown = sorted(set(config.final_evaluation) - set(eval_cfg.eval))
+    if unknown:
+        raise ConfigError(
+            f"final_evaluation.{unknown[0]} is not an evaluation setting (one of "
+            f"{', '.join(eval_cfg.eval)})"
+        )
+    data = config.data
+    eval_cfg = OmegaConf.merge(
+        eval_cfg,
+        {
+            "run": str(run_dir),
+            "paths": {"data_dir": data.data_dir, "output_dir": str(run_dir / "evaluation")},
+            "data": {
+                "root": data.get("root"),
+                "download": data.get("download", False),
+                "verify": (data.get("source") or {}).get("verify", True),
+            },
+            "eval": OmegaConf.to_container(config.final_evaluation),
+            "trusted_targets": list(config.get("trusted_targets") or []),
+            "validate_args": bool(config.get("validate_args")),
+        },
     )
-    with open_dict(eval_cfg):
-        eval_cfg.paths.output_dir = str(run_dir / "evaluation")
     row = evaluate.evaluate_run(eval_cfg, run_dir, run_dir / "evaluation")
     return dict(row["metrics"])

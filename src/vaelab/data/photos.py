@@ -12,6 +12,7 @@ batches on either path.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 import urllib.error
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
@@ -93,7 +95,7 @@ class ImageFiles(torch.utils.data.Dataset):
 def decode(path: Path, mode: str, size: int, crop: int | None) -> Tensor:
     try:
         with Image.open(path) as image:
-            image = image.convert(mode)
+            image = eight_bit(image, path).convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path} cannot be decoded as an image ({type(e).__name__}: {e})") from e
     if crop is not None:
@@ -103,6 +105,42 @@ def decode(path: Path, mode: str, size: int, crop: int | None) -> Tensor:
         image = TF.resize(image, size, antialias=True)  # the shorter side to size
         image = TF.center_crop(image, [size, size])
     return TF.pil_to_tensor(image)
+
+
+def eight_bit(image: Image.Image, path: Path) -> Image.Image:
+    """8 bits per channel: a 16-bit grey image (PIL mode I;16) rescaled, v -> round(v * 255 /
+    65535) (PIL's own conversion would clip every value above 255 to white); 16-bit colour PIL
+    already reads as 8-bit; 32-bit integer or float pixels are refused."""
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        raise DataError(
+            f"{path} has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels; vaelab "
+            "reads 8-bit and 16-bit images: convert it to an 8-bit PNG"
+        )
+    return image
+
+
+RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's array reconstructor, wherever it lives
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists, dicts, numbers, bytes and strings, and nothing that runs
+    code: the only globals it finds are numpy's array and dtype constructors."""
+
+    ALLOWED: ClassVar[dict[tuple[str, str], object]] = {
+        ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes, as Python 3 pickles them
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing the global {module}.{name}")
+        return self.ALLOWED[module, name]
 
 
 class OfficialFiles(ImageSource):
@@ -127,8 +165,8 @@ class OfficialFiles(ImageSource):
 class CIFAR10(OfficialFiles):
     """Krizhevsky (2009): 50,000 training and 10,000 test 32x32 colour images of 10 classes, in
     torchvision's `cifar-10-batches-py/` (the official python pickles), md5-checked against
-    torchvision's record of the official files unless `verify=false` (the check is also what
-    makes unpickling them safe: a pickle can run code, these are the known files)."""
+    torchvision's record of the official files unless `verify=false`; read with
+    `ArrayUnpickler`, which builds arrays and plain values only (a pickle can run code)."""
 
     name = "CIFAR10"
     image_shape = (3, 32, 32)
@@ -170,7 +208,9 @@ class CIFAR10(OfficialFiles):
             path = self.official_file(data_dir, name, md5)
             try:
                 with open(path, "rb") as f:
-                    entry = pickle.load(f, encoding="latin1")
+                    entry = ArrayUnpickler(f, encoding="latin1").load()
+                if not isinstance(entry, dict):
+                    raise TypeError(f"a {type(entry).__name__}, not a dict")
                 data = torch.as_tensor(entry["data"], dtype=torch.uint8).view(-1, 3, 32, 32)
                 label = torch.as_tensor(entry.get("labels", entry.get("fine_labels")))
             except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
