@@ -146,6 +146,26 @@ def test_image_folder_bad_files_raise_or_are_skipped(tmp_path, caplog):
     assert "skipped 1 of 21" in warning and "zzz.png" in warning
 
 
+def test_images_of_more_than_8_bits_are_rescaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16): PIL's own conversion to 8 bits clips every value above
+    255 to white; decode rescales v -> round(v * 255 / 65535). 32-bit pixels are refused."""
+    import numpy as np
+
+    from vaelab.data.photos import decode, eight_bit
+
+    values = np.array([[0, 257, 32768, 65535], [128, 383, 1000, 65280]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    grey = decode(tmp_path / "deep.png", "L", size=2, crop=None)  # the 2x2 centre, unscaled
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert grey[0].tolist() == expected[:, 1:3].tolist()
+    rgb = decode(tmp_path / "deep.png", "RGB", size=2, crop=None)
+    assert rgb.shape == (3, 2, 2) and (rgb == grey).all()
+    for mode, kind in (("I", "integer"), ("F", "float")):
+        with pytest.raises(DataError, match=f"x.tif has 32-bit {kind} pixels"):
+            eight_bit(Image.new(mode, (2, 2)), tmp_path / "x.tif")
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ConfigError):
         ImageFolder(channels=2)

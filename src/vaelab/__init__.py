@@ -11,15 +11,10 @@ from vaelab import quiet
 __version__ = "0.1.0"
 
 
-def _config_subdir(resume: str | None) -> str | None:
+def _config_subdir(resume: str | None) -> str:
     """Hydra's output_subdir: `.hydra`, or for resume=<run dir> a subfolder of it, so that the
-    run's original config stays as it was; none where that run's `.hydra` is a link (Hydra
-    would write through it before the run refuses the dir)."""
-    if resume is None:
-        return ".hydra"
-    if (Path(resume).expanduser() / ".hydra").is_symlink():
-        return None
-    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    run's original config stays as it was."""
+    return ".hydra" if resume is None else f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
 def _run_dir(resume: str | None, parent: str) -> str:

@@ -32,6 +32,11 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def one_line(error: BaseException | str) -> str:
+    """An error's text on one line (library messages often span several)."""
+    return " ".join(str(error).split())
+
+
 def find_user_error(exc: BaseException) -> VaelabError | None:
     """The VaelabError behind exc, following the cause chain (Hydra wraps what it instantiates)."""
     seen: set[int] = set()

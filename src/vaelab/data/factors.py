@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from vaelab.data.sources import ImageSource
-from vaelab.errors import DataError, require, require_int
+from vaelab.errors import DataError, one_line, require, require_int
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class DSprites(FactorSource):
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise DataError(
                 f"dsprites file missing in {self.folder(data_dir)}: {DSPRITES_FILE}, and the "
-                f"download failed ({type(e).__name__}: {e}); set VAELAB_DATA_DIR or "
+                f"download failed ({type(e).__name__}: {one_line(e)}); set VAELAB_DATA_DIR or "
                 "paths.data_dir to the data root that holds dsprites/, or use "
                 "data=dsprites_like (rendered here, no download)"
             ) from e

@@ -29,7 +29,7 @@ from torch import Tensor
 from torchvision.datasets.utils import calculate_md5
 
 from vaelab.data.sources import ImageSource
-from vaelab.errors import DataError, require, require_int
+from vaelab.errors import DataError, one_line, require, require_int
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -39,7 +39,7 @@ DOWNLOAD_ERRORS = (urllib.error.URLError, OSError, RuntimeError)
 def download_failed(source: ImageSource, data_dir, missing: list[str], error: Exception):
     return DataError(
         f"{source.name} files missing in {source.folder(data_dir)}: {', '.join(missing)}, and "
-        f"the download failed ({type(error).__name__}: {error}); set VAELAB_DATA_DIR or "
+        f"the download failed ({type(error).__name__}: {one_line(error)}); set VAELAB_DATA_DIR or "
         f"paths.data_dir to the data root that holds them, or data.root to their folder"
     )
 

@@ -19,7 +19,7 @@ import torchvision
 from torch import Tensor
 
 from vaelab.data.datasets import load_split, missing_files, raw_folder
-from vaelab.errors import DataError
+from vaelab.errors import DataError, one_line
 
 
 class ImageSource:
@@ -100,7 +100,7 @@ class IDXSource(ImageSource):
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise DataError(
                 f"{self.name} files missing in {folder}: {', '.join(missing)} (or .gz), and "
-                f"the download failed ({type(e).__name__}: {e}); set VAELAB_DATA_DIR or "
+                f"the download failed ({type(e).__name__}: {one_line(e)}); set VAELAB_DATA_DIR or "
                 f"paths.data_dir to the folder that holds {self.name}/raw/"
             ) from e
 

@@ -24,6 +24,8 @@ import os
 import pickle
 import shutil
 import stat
+import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins import CheckpointIO
+from omegaconf import DictConfig
 from torch import nn
 
 from vaelab.errors import CheckpointError
@@ -62,13 +66,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def read_saved(path: Path, trusted: list[str]) -> tuple[SavedRun, dict[str, Any]]:
     """A checkpoint and its run config, checked as data; (SavedRun, the checkpoint itself)."""
     checkpoint = read_checkpoint(path)
+    return saved_run(checkpoint, path, trusted), checkpoint
+
+
+def saved_run(checkpoint: dict[str, Any], path: Path, trusted: list[str]) -> SavedRun:
     config = check_saved(checkpoint.get("hyper_parameters"), str(path), trusted)
-    return SavedRun(path, config, int(checkpoint.get("global_step", 0))), checkpoint
+    return SavedRun(path, config, int(checkpoint.get("global_step", 0)))
 
 
 def newest_saved(run_dir: Path, trusted: list[str]) -> SavedRun | None:
     """The newest checkpoint of a run dir that loads (last.ckpt first among equals), with the
-    newer ones that did not; None when it has none."""
+    newer ones that did not; None when it has none. A checkpoint that loads but whose config is
+    refused stops here: that is not damage to fall back from."""
     folder = run_dir / "checkpoints"
     files = sorted(
         (p for p in folder.glob("*.ckpt") if p.is_file()) if folder.is_dir() else [],
@@ -78,11 +87,12 @@ def newest_saved(run_dir: Path, trusted: list[str]) -> SavedRun | None:
     skipped: list[tuple[Path, str]] = []
     for path in files:
         try:
-            saved, _ = read_saved(path, trusted)
+            checkpoint = read_checkpoint(path)
         except CheckpointError as e:
             skipped.append((path, str(e).removeprefix(f"{path} ")))
-            log.warning("%s does not load: %s", path, e)
+            log.warning("%s", e)
             continue
+        saved = saved_run(checkpoint, path, trusted)
         return SavedRun(saved.checkpoint, saved.config, saved.step, tuple(skipped))
     if skipped:
         raise CheckpointError(
@@ -353,24 +363,36 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     return sorted({key.split(".")[0] for key in missing})
 
 
-class RunLogFile(logging.FileHandler):
-    """The run's `train.log` (Hydra's job log, configs/hydra/default.yaml), opened without
-    following a link: a linked log file gets nothing, and the run then refuses its dir
-    (`refuse_links`) with one line."""
+class RunDirCheck(HydraCallback):
+    """A Hydra callback (configs/hydra/default.yaml): before Hydra writes into a run or sweep
+    dir (.hydra/, train.log), the dir can be written and holds no link; else one line and exit
+    status 1, as for any user error (Hydra turns a callback's exception into a warning and goes
+    on, so the callback exits itself)."""
 
-    def _open(self):
-        try:
-            fd = os.open(
-                self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644
-            )
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            return open(os.devnull, "a", encoding=self.encoding)
-        if os.fstat(fd).st_nlink > 1:
-            os.close(fd)
-            return open(os.devnull, "a", encoding=self.encoding)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        exit_unless_usable(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        exit_unless_usable(Path(config.hydra.sweep.dir))
+
+
+def exit_unless_usable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        refuse_links(path)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except CheckpointError as e:
+        problem = str(e)
+    except OSError as e:
+        problem = (
+            f"cannot write to run dir {path}: {e.strerror or e}; set paths.log_dir (or "
+            "VAELAB_LOG_DIR) to a writable folder"
+        )
+    else:
+        return
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(1)
 
 
 def apply_optimizer_settings(checkpoint: dict[str, Any], settings: dict[str, Any]) -> list[str]:

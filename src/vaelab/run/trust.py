@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from hydra.utils import get_object
 
-from vaelab.errors import CheckpointError, ConfigError
+from vaelab.errors import ConfigError
 
 #: The project's config groups, next to train.py and evaluate.py (their `config_path`).
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
@@ -65,7 +65,8 @@ COMMAND_KEYS = frozenset(
         "task_name",
     }
 )
-#: Top-level nodes without a `_target_` whose keys are fixed.
+#: Top-level nodes without a `_target_` whose keys are fixed (final_evaluation: evaluate.yaml's
+#: `eval` settings, added by `plain_nodes`).
 PLAIN_NODES = {"monitor": frozenset({"metric", "mode"})}
 #: Keys of an objective's config that describe how its runs are judged (not constructor args).
 OBJECTIVE_META = ("monitor", "report")
@@ -152,6 +153,12 @@ def top_level_keys(config_dir: Path = CONFIG_DIR) -> frozenset[str]:
     return frozenset(keys)
 
 
+@functools.cache
+def plain_nodes(config_dir: Path = CONFIG_DIR) -> dict[str, frozenset[str]]:
+    evaluation = yaml.safe_load((config_dir / "evaluate.yaml").read_text())
+    return {**PLAIN_NODES, "final_evaluation": frozenset(evaluation["eval"])}
+
+
 def config_files(config_dir: Path) -> list[tuple[Path, Any]]:
     if not config_dir.is_dir():
         raise ConfigError(
@@ -201,13 +208,13 @@ def check_saved(config: object, where: str, trusted: Iterable[str] = ()) -> dict
     """`config` if it is a run config that may be read back (rule 1 of the module docstring);
     else a ConfigError naming the first offending key."""
     if not isinstance(config, dict):
-        raise CheckpointError(f"{where} holds no run config (found {type(config).__name__})")
+        raise ConfigError(f"{where} holds no run config (found {type(config).__name__})")
     extra = [str(name).rstrip(".") for name in trusted]
     unknown = sorted(str(k) for k in config if k not in top_level_keys())
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} in its config; refusing it")
     for key, value in config.items():
-        known = PLAIN_NODES.get(key)
+        known = plain_nodes().get(key)
         if known is not None and isinstance(value, dict):
             refuse_unknown(value, known, f"{where}: {key}")
         check_node(value, key, where, extra)
