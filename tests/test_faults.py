@@ -21,7 +21,7 @@ import pytest
 from helpers.runs import REPO, assert_one_line_error, run_script, tiny
 
 from vaelab.errors import CheckpointError
-from vaelab.run.io import PARTIAL, read_checkpoint
+from vaelab.run.checkpoints import PARTIAL, read_checkpoint
 
 pytestmark = pytest.mark.slow
 KILLS = 5

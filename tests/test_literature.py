@@ -16,7 +16,7 @@ from vaelab.build import build_datamodule, build_module
 from vaelab.errors import ConfigError
 from vaelab.evaluation.metrics import CompiledLogWeights
 from vaelab.objectives import iwae_bound
-from vaelab.run.io import read_checkpoint as load_checkpoint
+from vaelab.run.checkpoints import read_checkpoint as load_checkpoint
 from vaelab.schedules import StageDecay, TimeCosine, budget_seconds
 
 PAPER_LR = 1e-3

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vaelab.callbacks import FiniteGuard
 from vaelab.errors import CheckpointError, NonFiniteError
-from vaelab.run.io import RunCheckpointIO
+from vaelab.run.checkpoints import RunCheckpointIO
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vaelab.errors import CheckpointError, ConfigError
-from vaelab.run.io import apply_optimizer_settings, confine_state
 from vaelab.run.plan import Invocation, SavedRun, evaluation, plan, run_dir_name, source
+from vaelab.run.state import apply_optimizer_settings, confine_state
 from vaelab.run.trust import Site, check_saved, localise
 
 

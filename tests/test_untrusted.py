@@ -22,7 +22,7 @@ from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.data import CIFAR10
 from vaelab.errors import CheckpointError, ConfigError, DataError, VaelabError
-from vaelab.run import io
+from vaelab.run.dirs import claimed
 
 pytestmark = pytest.mark.slow
 
@@ -254,7 +254,7 @@ def test_links_in_a_run_dir_are_refused(sent, data_dir, tmp_path, entry, kind):
 
 def test_what_hydra_writes_first_is_not_written_through_links(sent, data_dir, tmp_path):
     """Hydra opens train.log and writes .hydra/ before vaelab's run starts: a Hydra callback
-    (vaelab.run.io.RunDirCheck) refuses the linked dir in one line before either happens."""
+    (vaelab.run.dirs.RunDirCheck) refuses the linked dir in one line before either happens."""
     outside = tmp_path / "outside"
     (outside / "hydra").mkdir()
     (sent / "train.log").unlink(missing_ok=True)
@@ -303,7 +303,7 @@ def test_a_new_run_never_writes_into_a_used_or_busy_run_dir(sent, data_dir, tmp_
     with pytest.raises(CheckpointError, match="already holds a run.*resume="):
         train_module.run(cfg)
     assert snapshot(sent / "checkpoints") == before
-    with io.claimed(sent, fresh=False):  # another process training in it
+    with claimed(sent, fresh=False):  # another process training in it
         with pytest.raises(CheckpointError, match=r"another process \(pid \d+\) is training"):
             resume(sent, data_dir)
     assert snapshot(sent / "checkpoints") == before

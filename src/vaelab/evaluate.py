@@ -34,7 +34,9 @@ from vaelab.evaluation.disentanglement import report as factor_report
 from vaelab.evaluation.disentanglement import scalars as disentanglement_scalars
 from vaelab.evaluation.metrics import check_compile_choice, evaluate_split, summarise
 from vaelab.evaluation.sweep import evaluate_sweep, is_sweep_dir
-from vaelab.run import io, plan
+from vaelab.run import plan
+from vaelab.run.checkpoints import find_checkpoint, read_saved
+from vaelab.run.dirs import refuse_links
 from vaelab.run.trust import Site
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = Path(cfg.run).expanduser()
     out_dir = Path(cfg.paths.output_dir)
     if path.is_dir() and is_sweep_dir(path):
+        refuse_links(path)  # each run's TensorBoard gets its results
         rows = evaluate_sweep(
             path, out_dir, lambda run_dir, sub: evaluate_run(cfg, run_dir, sub, run_dir.name)
         )
@@ -93,10 +96,10 @@ def evaluate_run(
     if run.is_file() and run.parent.name == "checkpoints":
         run_dir = run.parent.parent  # a checkpoint of a run dir: its TensorBoard gets the results
     if run_dir is not None:
-        io.refuse_links(run_dir)  # the evaluation writes into its tensorboard/
+        refuse_links(run_dir)  # the evaluation writes into its tensorboard/
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = io.find_checkpoint(run, cfg.eval.checkpoint)
-    saved, checkpoint = io.read_saved(ckpt_path, list(cfg.get("trusted_targets") or []))
+    ckpt_path = find_checkpoint(run, cfg.eval.checkpoint)
+    saved, checkpoint = read_saved(ckpt_path, list(cfg.get("trusted_targets") or []))
     data = cfg.get("data") or {}
     site = Site(
         out_dir,

@@ -24,7 +24,8 @@ from vaelab.build import build_datamodule, build_module, build_trainer
 from vaelab.callbacks import reliability_callbacks
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError, ConfigError, require_int
-from vaelab.run import io
+from vaelab.run.checkpoints import RunCheckpointIO, checkpoint_step, load_weights, newest_saved
+from vaelab.run.dirs import claimed, refuse_links
 from vaelab.run.plan import Invocation, Plan, plan, source
 from vaelab.run.trust import CONFIG_DIR
 from vaelab.summary import format_run_summary, run_summary, write_summary
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for note in the_plan.notes:
         log.info("%s", note)
     worker = any(int(os.environ.get(name, "0") or 0) > 0 for name in WORKER_RANKS)
-    claim = contextlib.nullcontext() if worker else io.claimed(invocation.run_dir, the_plan.fresh)
+    claim = contextlib.nullcontext() if worker else claimed(invocation.run_dir, the_plan.fresh)
     with claim:
         return fit(config, the_plan, invocation.run_dir)
 
@@ -73,20 +74,20 @@ def fit(config: DictConfig, the_plan: Plan, run_dir: Path) -> tuple[dict[str, fl
     datamodule = build_datamodule(config)
     module = build_module(config, datamodule, run_config=the_plan.config)
     if the_plan.init_from is not None:
-        new = io.load_weights(module.model, the_plan.init_from)
+        new = load_weights(module.model, the_plan.init_from)
         log.info("weights from %s; new: %s", the_plan.init_from, ", ".join(new) or "none")
     logger_kwargs = {}
     if the_plan.ckpt_path is not None:
         # Continuing: TensorBoard drops the events the interrupted run logged after this
         # checkpoint (the SummaryWriter's purge_step), so the curves have no duplicated steps.
-        logger_kwargs = {TENSORBOARD_LOGGER: {"purge_step": io.checkpoint_step(the_plan.ckpt_path)}}
+        logger_kwargs = {TENSORBOARD_LOGGER: {"purge_step": checkpoint_step(the_plan.ckpt_path)}}
     loggers = instantiate_group(config.get("logger"), **logger_kwargs)
     optimizer_settings = OmegaConf.to_container(config.optimizer)
     trainer = build_trainer(
         config,
         callbacks=training_callbacks(config),
         logger=loggers or False,
-        plugins=[io.RunCheckpointIO(run_dir, optimizer_settings)],
+        plugins=[RunCheckpointIO(run_dir, optimizer_settings)],
     )
     log.info("Output dir: %s", run_dir)
     start = time.perf_counter()
@@ -161,9 +162,9 @@ def read_source(invocation: Invocation):
     kind, run_dir = found
     if not run_dir.is_dir():
         raise CheckpointError(f"{kind}: {run_dir} is not a run dir")
-    io.refuse_links(run_dir)
+    refuse_links(run_dir)
     trusted = list(invocation.config.get("trusted_targets") or [])
-    return io.newest_saved(run_dir, trusted)
+    return newest_saved(run_dir, trusted)
 
 
 def instantiate_group(group: DictConfig | None, **kwargs_by_target: dict) -> list[Any]:

@@ -1,2 +1,2 @@
 """A run: its config planned in one pure step (`plan`), saved configs read as data (`trust`),
-run dirs and checkpoints on disk (`io`)."""
+checkpoints on disk (`checkpoints`), a loaded checkpoint's state (`state`), run dirs (`dirs`)."""

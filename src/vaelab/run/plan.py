@@ -1,7 +1,7 @@
 """The run's config in one pure step: (this command, the saved run it names, if any) -> plan.
 
-No Lightning, no file access: `vaelab.run.io` reads the saved run (`source` says which), this
-module decides. What a command can ask for:
+No Lightning, no file access: `vaelab.run.checkpoints` reads the saved run (`source` says
+which), this module decides. What a command can ask for:
 
 - a new run: the command's config, in a new (empty) run dir;
 - `resume=<run dir>`: the saved run's config (read as data, `vaelab.run.trust`) in its own dir,
@@ -105,7 +105,10 @@ def plan(invocation: Invocation, saved: SavedRun | None) -> Plan:
     if kind == "requeue":
         if saved is None:  # requeued before its first checkpoint: start again
             return Plan(copy.deepcopy(command), fresh=False, notes=("requeued with no checkpoint",))
-        note = f"requeued job (SLURM_RESTART_COUNT={invocation.restart_count}): continuing"
+        note = (
+            f"requeued job (SLURM_RESTART_COUNT={invocation.restart_count}): continuing from "
+            f"{saved.checkpoint} (step {saved.step})"
+        )
         return Plan(copy.deepcopy(command), saved.checkpoint, fresh=False, notes=(*notes, note))
     if kind == "stage":
         return second_stage(
