@@ -209,6 +209,10 @@ def test_callback_state_naming_outside_files_is_dropped(sent, data_dir, tmp_path
                 state["kth_value"] = torch.tensor(-1e9)
                 state["best_model_path"] = str(victim)
                 state["best_model_score"] = torch.tensor(-1e9)
+        # the strongest sender: the saved dirpath is where this resume puts its checkpoints
+        checkpoint["hyper_parameters"]["callbacks"]["model_checkpoint"]["dirpath"] = str(
+            Path(os.path.realpath(sent / "checkpoints"))
+        )
 
     poison(sent, edit)
     before = snapshot(tmp_path / "outside")
