@@ -90,6 +90,13 @@ def wait_for_a_new_checkpoint(last: Path, after: float, process: subprocess.Pope
         time.sleep(0.02)
 
 
+def wait_for_a_write(folder: Path, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if any(entry.name.endswith(PARTIAL) for entry in os.scandir(folder)):
+            return
+
+
 def checkpoints_all_load(folder: Path) -> list[int]:
     """The global step of every checkpoint left in folder (each must load)."""
     return [read_checkpoint(path)["global_step"] for path in sorted(folder.glob("*.ckpt"))]
@@ -100,7 +107,7 @@ def test_kill_9_and_a_full_disk_leave_loadable_checkpoints(filesystems, data_dir
     assert os.stat(runs).st_dev != os.stat(staging).st_dev
     base = [
         *tiny(data_dir),
-        "model.encoder.hidden_dims=[16]",
+        "model.encoder.hidden_dims=[256]",  # ~5 MB checkpoints: writes that take a while
         "callbacks.last_checkpoint.every_n_train_steps=1",  # a write at every step
         "callbacks.images.every_n_epochs=1000",
         "trainer.max_epochs=1000",
@@ -119,7 +126,10 @@ def test_kill_9_and_a_full_disk_leave_loadable_checkpoints(filesystems, data_dir
             (run_dir,) = (runs / "train" / "runs").iterdir()
         folder = run_dir / "checkpoints"
         wait_for_a_new_checkpoint(folder / "last.ckpt", started, process)
-        time.sleep(rng.uniform(0.0, 0.3))
+        if kill % 2:
+            time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step
+        else:
+            wait_for_a_write(folder)  # while a checkpoint is being written
         process.send_signal(signal.SIGKILL)
         process.wait()
         partials += len(list(folder.glob(f".*{PARTIAL}")))  # killed in the middle of a write
