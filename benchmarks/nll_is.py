@@ -116,7 +116,7 @@ def main() -> None:
     vae = build_model(cfg, (1, 28, 28)).eval()
     images = torch.bernoulli(torch.rand(args.images, 1, 28, 28) * 0.3)
     batches = images.split(args.batch)
-    compiled = CompiledLogWeights(vae)
+    compiled = CompiledLogWeights(vae, torch.device("cpu"))
 
     def run_vaelab(weights_fn=None):
         with torch.no_grad():

@@ -171,7 +171,7 @@ def alternate(cfg, batch: int, steps: int, rounds: int):
     alternation = Alternate(plain, steps, rounds)
     trainer = build_trainer(
         cfg,
-        callbacks=[*training_callbacks(cfg), alternation],
+        callbacks=[*training_callbacks(cfg, module, datamodule), alternation],
         logger=instantiate_group(cfg.logger),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -100,19 +100,17 @@ def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape
     x = torch.rand(3, *shape)
     if vae.likelihood.accepts == ("binary",):
         x = x.round()
-    labels = torch.tensor([0, 3, 9]) if vae.conditional else None  # (a cvae reads them)
-    with vae.conditioned(labels):
-        q = vae.posterior(x)
-        assert q.batch_shape == (3,) and q.event_shape == code
-        z = q.sample((2,)) if model == "vqvae" else q.rsample((2,))  # (L, B, ...)
-        p = vae.decode(z)
-        assert p.batch_shape == (2, 3) and p.event_shape == shape
-        assert p.log_prob(x).shape == (2, 3)
-        assert vae.reconstruct(x).shape == (3, *shape)
+    given = vae.given(torch.tensor([0, 3, 9]))  # (a cvae reads the labels, others ignore them)
+    q = given.posterior(x)
+    assert q.batch_shape == (3,) and q.event_shape == code
+    z = q.sample((2,)) if model == "vqvae" else q.rsample((2,))  # (L, B, ...)
+    p = given.decode(z)
+    assert p.batch_shape == (2, 3) and p.event_shape == shape
+    assert p.log_prob(x).shape == (2, 3)
+    assert given.reconstruct(x).shape == (3, *shape)
     sample_labels = vae.sample_labels(4)
-    with vae.conditioned(sample_labels):
-        n = 4 if sample_labels is None else len(sample_labels)
-        assert vae.sample(n).shape == (n, *shape)
+    n = 4 if sample_labels is None else len(sample_labels)
+    assert vae.given(sample_labels).sample(n).shape == (n, *shape)
 
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

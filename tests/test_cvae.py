@@ -30,8 +30,8 @@ def conditional_data(n: int = 8):
     g = torch.Generator().manual_seed(6)
     y = torch.randint(0, N_CLASSES, (n,), generator=g)
     model, _ = linear_cvae()
-    with torch.no_grad(), model.conditioned(y):
-        x = model.decode(torch.randn(n, 3, generator=g, dtype=torch.float64)).mean
+    with torch.no_grad():
+        x = model.given(y).decode(torch.randn(n, 3, generator=g, dtype=torch.float64)).mean
     return x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64), y
 
 
@@ -42,11 +42,11 @@ def test_bounds_are_exact_at_the_true_conditional_posterior():
     x, y = conditional_data()
     exact = log_marginal(x, y)
     torch.manual_seed(0)
-    with model.conditioned(y):
-        elbo = ELBO(n_samples=4000)(model, x)["elbo"].detach()
-        torch.testing.assert_close(elbo, exact, rtol=0, atol=0.05)
-        torch.testing.assert_close(IWAE(k=5)(model, x)["iwae"], exact, rtol=0, atol=1e-8)
-        torch.testing.assert_close(iwae_bound(model, x, 40, max_codes=64)["log_likelihood"], exact)
+    given = model.given(y)
+    elbo = ELBO(n_samples=4000)(given, x)["elbo"].detach()
+    torch.testing.assert_close(elbo, exact, rtol=0, atol=0.05)
+    torch.testing.assert_close(IWAE(k=5)(given, x)["iwae"], exact, rtol=0, atol=1e-8)
+    torch.testing.assert_close(iwae_bound(given, x, 40, max_codes=64)["log_likelihood"], exact)
 
 
 def test_bounds_stay_below_log_p_x_given_y_and_the_label_matters():
@@ -55,12 +55,11 @@ def test_bounds_stay_below_log_p_x_given_y_and_the_label_matters():
     exact = log_marginal(x, y)
     torch.manual_seed(1)
     with torch.no_grad():
-        with model.conditioned(y):
-            elbo = ELBO(n_samples=4000)(model, x)["elbo"]
-            draws = torch.stack([IWAE(k=100)(model, x)["iwae"] for _ in range(200)])
+        given = model.given(y)
+        elbo = ELBO(n_samples=4000)(given, x)["elbo"]
+        draws = torch.stack([IWAE(k=100)(given, x)["iwae"] for _ in range(200)])
         wrong = (y + 1) % N_CLASSES
-        with model.conditioned(wrong):
-            elbo_wrong = ELBO(n_samples=4000)(model, x)["elbo"]
+        elbo_wrong = ELBO(n_samples=4000)(model.given(wrong), x)["elbo"]
     assert (elbo < exact - 0.05).all()
     error = draws.std(0) / math.sqrt(len(draws))
     assert (draws.mean(0) <= exact + 4 * error).all() and (draws.mean(0) > elbo).all()
@@ -91,11 +90,11 @@ def test_shapes_and_class_rows(shape, encoder, decoder, likelihood, conditional_
     x = torch.rand(5, *shape)
     x = x.round() if likelihood.accepts == ("binary",) else (x * 255).round() / 255
     y = torch.tensor([0, 1, 2, 3, 9])
-    with model.conditioned(y):
-        q = model.posterior(x)
-        assert q.batch_shape == (5,) and q.event_shape == (4,)
-        z = q.rsample((2,))
-        assert model.log_weights(x, z, q, model.prior()).shape == (2, 5)
+    given = model.given(y)
+    q = given.posterior(x)
+    assert q.batch_shape == (5,) and q.event_shape == (4,)
+    z = q.rsample((2,))
+    assert given.log_weights(x, z, q, given.prior()).shape == (2, 5)
     labels = model.sample_labels(64)
     assert labels.tolist() == [c for c in range(10) for _ in range(6)]
     grids = image_grids(model, x, [0, 1, 2, 3], labels=y)
@@ -116,22 +115,22 @@ def test_the_class_prior_is_learned_per_class():
     )
     with torch.no_grad():
         model.class_prior.weight[1, :2] = torch.tensor([2.0, -1.0])
-    with model.conditioned(torch.tensor([0, 1])):
-        p = model.prior()
-        torch.testing.assert_close(p.mean, torch.tensor([[0.0, 0.0], [2.0, -1.0]]))
-        q = model.posterior(torch.zeros(2, 1, 4, 4))
-        torch.testing.assert_close(
-            model.rate(q, p, q.rsample((1,))),
-            torch.distributions.kl_divergence(q, p),
-        )
+    given = model.given(torch.tensor([0, 1]))
+    p = given.prior()
+    torch.testing.assert_close(p.mean, torch.tensor([[0.0, 0.0], [2.0, -1.0]]))
+    q = given.posterior(torch.zeros(2, 1, 4, 4))
+    torch.testing.assert_close(
+        given.rate(q, p, q.rsample((1,))),
+        torch.distributions.kl_divergence(q, p),
+    )
 
 
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda m: m.conditioned(torch.tensor([0, 12])).__enter__(), "model.n_classes=13"),
-        (lambda m: m.posterior(torch.zeros(2, 1, 4, 4)), "conditioned"),
-        (lambda m: m.conditioned(None).__enter__(), "labels"),
+        (lambda m: m.given(torch.tensor([0, 12])), "model.n_classes=13"),
+        (lambda m: m.posterior(torch.zeros(2, 1, 4, 4)), "use model.given"),
+        (lambda m: m.given(None), "labels"),
     ],
 )
 def test_label_errors_are_one_line(call, match):

@@ -377,7 +377,7 @@ def test_factorvae_gradients_go_to_their_own_parameters():
     fixed); the discriminator's is that of its classification loss (the codes held fixed)."""
     model = fixed_model(n=16, d=3)
     objective = FactorVAE(gamma=5.0, hidden_dims=[8, 8])
-    objective.check_model(model)
+    objective.bind(model)
     objective.double()
     x = torch.arange(16.0, dtype=torch.float64)
     torch.manual_seed(0)

@@ -129,10 +129,10 @@ def test_compiled_log_weights_give_the_eager_numbers():
     x = (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     torch.manual_seed(0)
     eager = iwae_bound(vae, x, 5000, max_codes=2000)
-    compiled_fn = CompiledLogWeights(vae)
+    compiled_fn = CompiledLogWeights(vae, torch.device("cpu"))
     torch.manual_seed(0)
     compiled = iwae_bound(vae, x, 5000, max_codes=2000, weights_fn=compiled_fn)
-    assert compiled_fn.fn is not compiled_fn.eager, "compilation fell back to eager"
+    assert not compiled_fn.log_likelihood.failed, "compilation fell back to eager"
     for name in ("log_likelihood", "elbo"):
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=1e-6)
 
@@ -140,14 +140,14 @@ def test_compiled_log_weights_give_the_eager_numbers():
 def test_failed_compilation_falls_back_to_eager_with_one_warning(caplog):
     vae = burda_vae()
     x = (torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
-    weights_fn = CompiledLogWeights(vae)
+    weights_fn = CompiledLogWeights(vae, torch.device("cpu"))
 
     def broken(*args):
         raise RuntimeError("no C++ compiler found\ndetails that nobody needs")
 
-    weights_fn.fn = broken
+    weights_fn.log_likelihood.compiled = broken
     torch.manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="vaelab.evaluation.metrics"):
+    with caplog.at_level(logging.WARNING, logger="vaelab.compiled"):
         fallen_back = iwae_bound(vae, x, 50, max_codes=20, weights_fn=weights_fn)
     torch.manual_seed(0)
     eager = iwae_bound(vae, x, 50, max_codes=20)

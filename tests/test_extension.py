@@ -22,11 +22,12 @@ PRIOR = '''
 """A heavy-tailed Student-t prior: torch has no KL from a Gaussian posterior to it, so vaelab's
 rate is the Monte-Carlo estimate."""
 import torch
-from torch import nn
 from torch.distributions import Independent, StudentT
 
+from vaelab.priors import Prior
 
-class StudentTPrior(nn.Module):
+
+class StudentTPrior(Prior):
     def __init__(self, latent_dim, image_shape=None, df=4.0):
         super().__init__()
         self.df = float(df)

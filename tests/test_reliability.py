@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.models import binary_batch, small_vae
 from helpers.runs import (
     REPO,
     assert_fragments,
@@ -27,6 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vaelab.callbacks import FiniteGuard
 from vaelab.errors import CheckpointError, NonFiniteError
+from vaelab.objectives import ELBO
 from vaelab.run.checkpoints import RunCheckpointIO
 
 pytestmark = pytest.mark.slow
@@ -278,11 +280,16 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_pat
 def test_the_nan_guard_stops_before_the_backward_pass():
     """FiniteGuard checks the step's terms in on_before_backward: a NaN loss never reaches the
     weights or the optimizer state (found in review: the check had moved after the step)."""
+    torch.distributions.Distribution.set_default_validate_args(False)  # as in a run
     guard = FiniteGuard()
-    module = SimpleNamespace(last_terms={"loss": torch.tensor(float("nan")), "rate": torch.ones(3)})
+    vae = small_vae()
+    module = SimpleNamespace(model=vae, objective=ELBO(), dtype=torch.float32)
     trainer = SimpleNamespace(global_step=7, current_epoch=0, checkpoint_callback=None)
-    guard.on_train_batch_start(trainer, module, (torch.zeros(2, 1, 2, 2),), 0)
-    with pytest.raises(NonFiniteError, match="non-finite loss at step 7"):
-        guard.on_before_backward(trainer, module, module.last_terms["loss"])
-    module.last_terms = {"loss": torch.tensor(1.0)}
-    guard.on_before_backward(trainer, module, module.last_terms["loss"])  # finite: no error
+    x = binary_batch(4)
+    guard.on_train_batch_start(trainer, module, (x, x, torch.zeros(4, dtype=torch.long)), 0)
+    guard.on_before_backward(trainer, module, torch.tensor(1.0))  # finite: no error
+    with torch.no_grad():
+        next(vae.decoder.parameters()).view(-1)[0] = float("nan")  # a diverged decoder
+    match = "non-finite loss at step 7 .*loss=nan; not finite on this batch: elbo and distortion"
+    with pytest.raises(NonFiniteError, match=match):
+        guard.on_before_backward(trainer, module, torch.tensor(float("nan")))

@@ -8,9 +8,7 @@ its own sizes; the likelihood must accept the data's pixel model.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import os
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -37,8 +35,6 @@ from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
 from vaelab.run.trust import OBJECTIVE_META
 
-#: torch's switch for an NVML-based torch.cuda.is_available(), which Lightning turns on at import.
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 INF = math.inf
 #: Optimizer and scheduler settings, wherever they appear, and the range in which a run trains
 #: at all, (low, high, closed on the left, closed on the right): outside it the learning rate is
@@ -62,7 +58,8 @@ TRAINABLE = {
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
-    return instantiate(cfg.data)
+    """The data, told which pixel models the likelihood accepts (`data.dequantize: auto`)."""
+    return instantiate(cfg.data, accepts=tuple(instantiate(cfg.likelihood).accepts))
 
 
 def build_model(cfg: DictConfig, image_shape: Iterable[int]) -> LatentVariableModel:
@@ -146,7 +143,6 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """instantiate(cfg.trainer); what Lightning refuses (precision=17, devices=0, an accelerator
     this machine lacks) is one line: Lightning's own message, which names the value."""
     check_trainer(cfg.trainer)
-    drop_failing_nvml_check()
     if cfg.trainer.get("profiler") is None and "profiler" not in kwargs:
         kwargs["profiler"] = NoProfiler()
     try:
@@ -171,21 +167,6 @@ class NoProfiler(PassThroughProfiler):
         return self._nothing
 
 
-def drop_failing_nvml_check() -> None:
-    """Lightning turns on torch's NVML-based CUDA check when imported (`torch.cuda.is_available()`
-    through NVML does not initialise CUDA, so processes forked later can still use the GPU).
-    Where NVML is absent (no NVIDIA driver), that check fails to load the library and falls back
-    to the CUDA runtime call that torch's default check makes, on every call, and the optimizer
-    calls it at every step: a failed library load per step that buys no fork safety. There,
-    torch's default check is used (the same answer)."""
-    if os.environ.get(NVML_CHECK) != "1":
-        return
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")  # the library torch's NVML check loads
-    except OSError:
-        del os.environ[NVML_CHECK]
-
-
 def compile_choice(value: Any) -> bool:
     require(isinstance(value, bool), f"compile must be true or false, got {value!r}")
     return value
@@ -198,7 +179,6 @@ def build_module(
 ) -> VAEModule:
     model = build_model(cfg, datamodule.image_shape)
     likelihood = model.likelihood
-    datamodule.adapt_to(likelihood.accepts)
     pixel_model = datamodule.pixel_model
     if pixel_model not in likelihood.accepts:
         raise ConfigError(
@@ -214,10 +194,9 @@ def build_module(
         )
     objective = build_objective(cfg)
     # a model family and an objective that only work together say so before any work
-    if hasattr(objective, "check_model"):
-        objective.check_model(model)
-    if hasattr(model, "check_objective"):
-        model.check_objective(objective)
+    objective.check_model(model)
+    model.check_objective(objective)
+    objective.bind(model)
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     check_optimization(cfg, optimizer, scheduler, model)
@@ -228,7 +207,6 @@ def build_module(
         optimizer=optimizer,
         scheduler=scheduler,
         monitor=monitor["metric"],
-        bpd_offset=likelihood.bpd_offset(pixel_model),
         run_config=run_config,
         compile=compile_choice(cfg.get("compile", False)),
     )

@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vaelab import quiet
 from vaelab.build import build_datamodule, build_module
-from vaelab.callbacks import RandomState
+from vaelab.callbacks import RandomState, step_callbacks
 from vaelab.errors import CheckpointError, require
 from vaelab.evaluation import pictures
 from vaelab.evaluation.disentanglement import protocol_from
@@ -127,7 +127,7 @@ def evaluate_run(
     model = module.model.to(device).eval()
     torch.manual_seed(cfg.seed)
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    probabilistic = getattr(module.objective, "probabilistic", True)
+    probabilistic = module.objective.probabilistic
     start = time.perf_counter()
     results = evaluate_split(
         model,
@@ -146,7 +146,8 @@ def evaluate_run(
         ),
     )
     seconds = time.perf_counter() - start
-    is_metrics, per_dim = summarise(results, split, datamodule.num_dims, module.bpd_offset)
+    bpd_offset = model.likelihood.bpd_offset(datamodule.pixel_model)
+    is_metrics, per_dim = summarise(results, split, datamodule.num_dims, bpd_offset)
     metrics.update(is_metrics)
 
     report = {
@@ -164,8 +165,7 @@ def evaluate_run(
         "objective": repr(module.objective),
         "denoising": datamodule.noise if datamodule.noise != "none" else None,
         "pixel_model": (
-            f"{datamodule.pixel_description}; "
-            f"{bpd_protocol(module.bpd_offset, datamodule.pixel_model)}"
+            f"{datamodule.pixel_description}; {bpd_protocol(bpd_offset, datamodule.pixel_model)}"
         ),
         "units": "nats per example; bpd in bits per dimension (from nll_is); mse per pixel",
         "metrics": metrics,
@@ -231,7 +231,7 @@ def disentanglement_report(cfg, model, datamodule, device, report, metrics) -> d
         f"eval.disentanglement=true needs data with ground-truth factors (dsprites, "
         f"dsprites_like); {datamodule.name} has none",
     )
-    flat = model.latent_dim is not None and not model.conditional
+    flat = model.flat_code_dim is not None
     if choice == "auto" and not flat:
         log.info(
             "eval.disentanglement: %s has no flat latent vector; skipped", type(model).__name__
@@ -269,7 +269,11 @@ def step_metrics(
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
         default_root_dir=cfg.paths.output_dir,
-        callbacks=[RandomState(eval_seed=0), *([TQDMProgressBar()] if progress_bar else [])],
+        callbacks=[
+            *step_callbacks(module.model, datamodule),
+            RandomState(eval_seed=0),
+            *([TQDMProgressBar()] if progress_bar else []),
+        ],
     )
     loop = trainer.test if split == "test" else trainer.validate
     (results,) = loop(module, datamodule=datamodule, verbose=False)

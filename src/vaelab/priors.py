@@ -75,7 +75,19 @@ class DiagonalGaussianMixture(MixtureSameFamily):
         return loc + scale * torch.randn_like(loc)
 
 
-class StandardNormal(nn.Module):
+class Prior(nn.Module):
+    """Base class of priors: `forward(model)` returns p(z). Declared capability, with its
+    default:"""
+
+    #: p(z) encodes inputs through the model's own posterior (VampPrior), which needs q(z|x) of
+    #: the whole code in closed form and without labels (model families refuse it otherwise).
+    encodes_inputs: bool = False
+
+    def forward(self, model: nn.Module | None = None) -> Distribution:
+        raise NotImplementedError
+
+
+class StandardNormal(Prior):
     """p(z) = N(0, I) over `latent_dim` dimensions (Kingma & Welling 2013)."""
 
     def __init__(self, latent_dim: int, image_shape: Sequence[int] | None = None) -> None:
@@ -88,7 +100,7 @@ class StandardNormal(nn.Module):
         return Independent(Normal(self.loc, self.scale), 1)
 
 
-class MixtureOfGaussians(nn.Module):
+class MixtureOfGaussians(Prior):
     """p(z) = sum_k pi_k N(z; mu_k, diag sigma_k^2), K = `n_components`, all learned: means
     initialised N(0, init_spread^2 I), scales 1, weights uniform (softmax of learned logits)."""
 
@@ -111,11 +123,13 @@ class MixtureOfGaussians(nn.Module):
         return DiagonalGaussianMixture(self.logits, self.loc, self.log_scale.exp())
 
 
-class VampPrior(nn.Module):
+class VampPrior(Prior):
     """p(z) = (1/K) sum_k q(z | u_k) (Tomczak & Welling 2018), K = `n_components` learned
     pseudo-inputs u_k of the data's image shape, kept in [0, 1] by a hard tanh as in the
     paper's code, and initialised around `init_mean` with `init_std` (the paper's 0.05, 0.01).
     The posteriors come from the model's own encoder, so the prior moves with it."""
+
+    encodes_inputs = True
 
     def __init__(
         self,

@@ -12,6 +12,8 @@ comes at exit), each run's monitored metric from its `summary.json`, the best ru
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ class RecordFailures(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED or config.hydra.mode.name != "MULTIRUN":
             return
-        error = job_return._return_value  # the exception (JobReturn keeps it private)
+        error = job_error(job_return)
         entry = {
             "job": config.hydra.job.num,
             "overrides": list(job_return.overrides or []),
@@ -48,6 +50,17 @@ class RecordFailures(Callback):
         )
 
 
+def job_error(job_return: JobReturn) -> BaseException | None:
+    """What a failed job raised: its `return_value` raises it (and writes a line to stderr that
+    Hydra writes again at the end of the sweep, silenced here)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _ = job_return.return_value
+    except Exception as e:  # the job's own exception, whatever it is
+        return e
+    return None
+
+
 def slurm_job() -> dict[str, str]:
     """The SLURM job id and the job's log file, when this job runs under SLURM (submitit)."""
     if "SLURM_JOB_ID" not in os.environ:
@@ -57,10 +70,10 @@ def slurm_job() -> dict[str, str]:
         import submitit
 
         environment = submitit.JobEnvironment()
-        entry["slurm_job_id"] = environment.job_id  # <array job>_<task> for a sweep
-        entry["log"] = str(environment.paths.stdout).replace("%t", str(environment.global_rank))
-    except Exception:  # not started by submitit: the id alone
-        pass
+    except (ImportError, RuntimeError):  # not started by submitit: the id alone
+        return entry
+    entry["slurm_job_id"] = environment.job_id  # <array job>_<task> for a sweep
+    entry["log"] = str(environment.paths.stdout).replace("%t", str(environment.global_rank))
     return entry
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluate, quiet
 from vaelab.build import build_datamodule, build_module, build_trainer
-from vaelab.callbacks import reliability_callbacks
+from vaelab.callbacks import reliability_callbacks, step_callbacks
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError, ConfigError, require_int
 from vaelab.run.checkpoints import RunCheckpointIO, checkpoint_step, load_weights, newest_saved
@@ -85,7 +85,7 @@ def fit(config: DictConfig, the_plan: Plan, run_dir: Path) -> tuple[dict[str, fl
     optimizer_settings = OmegaConf.to_container(config.optimizer)
     trainer = build_trainer(
         config,
-        callbacks=training_callbacks(config),
+        callbacks=training_callbacks(config, module, datamodule),
         logger=loggers or False,
         plugins=[RunCheckpointIO(run_dir, optimizer_settings)],
     )
@@ -179,10 +179,13 @@ def instantiate_group(group: DictConfig | None, **kwargs_by_target: dict) -> lis
     ]
 
 
-def training_callbacks(config: DictConfig) -> list[L.Callback]:
-    """The config's callbacks, then the weight averaging, then the reliability callbacks (the NaN
-    guard, the random-state bookkeeping), which go last."""
-    callbacks = instantiate_group(config.get("callbacks"))
+def training_callbacks(config: DictConfig, module, datamodule) -> list[L.Callback]:
+    """The step's observers (bits per dimension, per-layer rates), the config's callbacks, then
+    the weight averaging, then the reliability callbacks (the NaN guard, the random-state
+    bookkeeping), which go last."""
+    callbacks = step_callbacks(module.model, datamodule) + instantiate_group(
+        config.get("callbacks")
+    )
     if config.get("averaging"):  # after the others: they see the averaged weights at validation
         callbacks.append(instantiate(config.averaging))
     return callbacks + reliability_callbacks(check_finite=bool(config.get("check_finite", True)))

@@ -6,8 +6,11 @@ from vaelab.callbacks.hparams import HParamsLogger
 from vaelab.callbacks.images import ImageLogger
 from vaelab.callbacks.reliability import FiniteGuard, RandomState, reliability_callbacks
 from vaelab.callbacks.reporting import MetricsHistory, ModelSummary, ProgressBar
+from vaelab.callbacks.step import BitsPerDim, LayerRates, step_callbacks
 
 __all__ = [
+    "BitsPerDim",
+    "LayerRates",
     "DisentanglementLogger",
     "FiniteGuard",
     "HParamsLogger",
@@ -18,4 +21,5 @@ __all__ = [
     "ProgressBar",
     "RandomState",
     "reliability_callbacks",
+    "step_callbacks",
 ]

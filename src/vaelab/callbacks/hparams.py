@@ -28,7 +28,6 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams
 
 from vaelab.callbacks.images import tensorboard_writer
-from vaelab.errors import private_api
 
 #: Config subtrees that say how a run was executed, not what was trained.
 EXCLUDED = ("paths/", "callbacks/", "logger/", "hydra/")
@@ -53,9 +52,9 @@ class HParamsLogger(L.Callback):
             for key, value in flat.items()
             if not key.startswith(EXCLUDED) and not key.endswith(("/_target_", "/_partial_"))
         }
-        # SummaryWriter.add_hparams would write into a sub-run of its own; the run's own file
-        # writer has no public accessor.
-        file_writer = private_api(writer, "_get_file_writer", "torch.utils.tensorboard")()
+        # SummaryWriter.add_hparams would write into a sub-run of its own: the summaries go to
+        # the run's own event file instead.
+        file_writer = writer.file_writer
         experiment, start, end = hparams(params, {name: 0.0 for name in self.metrics})
         mark_varying(experiment, hparam_names(varying_keys(), params))
         for summary in (experiment, start, end):

@@ -51,18 +51,17 @@ class ImageLogger(L.Callback):
             )
             inputs, targets = inputs.to(pl_module.dtype), targets.to(pl_module.dtype)  # 64-true
             self.inputs, self.targets = inputs[: self.n_images], targets[: self.n_images]
-            self.labels = labels[: self.n_images] if model.conditional else None
+            self.labels = labels[: self.n_images]
         # The same random numbers every epoch (a learned prior still moves), outside the run's
         # random state.
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             sample_labels = model.sample_labels(self.n_samples)  # a row per class, or None
-            with model.conditioned(sample_labels):
-                n = self.n_samples if sample_labels is None else len(sample_labels)
-                samples = model.decode(model.sample_codes(n)).mean
-            with model.conditioned(self.labels):
-                reconstructions = model.reconstruct(self.inputs)
+            given = model.given(sample_labels)
+            n = self.n_samples if sample_labels is None else len(sample_labels)
+            samples = given.decode(given.sample_codes(n)).mean
+            reconstructions = model.given(self.labels).reconstruct(self.inputs)
         step = trainer.global_step
         writer.add_image(
             "images/reconstructions", pair_grid(self.inputs, reconstructions, self.targets), step

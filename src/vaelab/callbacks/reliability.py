@@ -1,10 +1,11 @@
 """What keeps a run trustworthy, outside the LightningModule (always on; train.py and evaluate.py
 add them to every Trainer):
 
-- FiniteGuard: stops training with a NonFiniteError naming the step, the term and the batch when
-  the loss, rate or distortion is NaN or infinite (one host sync per step, before the backward
-  pass, so neither the weights nor the optimizer state ever take a NaN step), and refuses to save
-  a checkpoint with non-finite weights, so a NaN never replaces the last good checkpoint.
+- FiniteGuard: stops training with a NonFiniteError naming the step, the terms and the batch
+  when the loss is NaN or infinite (one host sync per step, before the backward pass, so neither
+  the weights nor the optimizer state ever take a NaN step; a non-finite term makes the loss
+  non-finite, 0 * NaN included), and refuses to save a checkpoint with non-finite weights, so a
+  NaN never replaces the last good checkpoint.
 - RandomState: validation and test draw their Monte-Carlo samples from `eval_seed` (then the
   training random state is restored), so the same checkpoint always gets the same numbers and
   successive validation epochs compare on common random numbers; checkpoints carry the Python,
@@ -14,6 +15,7 @@ add them to every Trainer):
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -27,34 +29,28 @@ from vaelab.errors import NonFiniteError
 
 class FiniteGuard(L.Callback):
     def __init__(self, check_steps: bool = True) -> None:
-        """`check_steps`: check each training step's terms (`check_finite` in train.yaml);
+        """`check_steps`: check each training step's loss (`check_finite` in train.yaml);
         non-finite weights are never saved either way."""
         self.check_steps = check_steps
-        self._inputs: Tensor | None = None
+        self.batch: tuple[Tensor, ...] | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._inputs = batch[0]
+        self.batch = batch
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if not self.check_steps:
+        if not self.check_steps or bool(torch.isfinite(loss.detach()).all()):  # the host sync
             return
-        terms: dict[str, Tensor] = getattr(pl_module, "last_terms", None) or {"loss": loss}
-        values = torch.stack([value.detach().sum() for value in terms.values()])
-        if bool(torch.isfinite(values).all()):  # the one host sync of the check
-            return
-        inputs = self._inputs
-        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
-        summary = ", ".join(f"{n}={v.float().mean().item():.4g}" for n, v in terms.items())
+        inputs, targets, labels = self.batch
         stats = (
             f"min={inputs.min().item():.3g} max={inputs.max().item():.3g} "
             f"mean={inputs.float().mean().item():.3g}, {len(inputs)} images"
         )
-        checkpoint = trainer.checkpoint_callback
-        last = getattr(checkpoint, "last_model_path", "") or "none written yet"
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
         raise NonFiniteError(
-            f"non-finite {' and '.join(bad)} at step {trainer.global_step} (epoch "
-            f"{trainer.current_epoch}): {summary}; batch {stats}; the last good checkpoint is "
-            f"kept: {last}"
+            f"non-finite loss at step {trainer.global_step} (epoch {trainer.current_epoch}): "
+            f"loss={loss.detach().float().mean().item():.4g}; "
+            f"{recomputed_parts(pl_module, self.batch, trainer.global_step)}; batch {stats}; "
+            f"the last good checkpoint is kept: {last}"
         )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -64,6 +60,23 @@ class FiniteGuard(L.Callback):
                 f"refusing to save a checkpoint at step {trainer.global_step}: non-finite "
                 f"weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
             )
+
+
+@torch.no_grad()
+def recomputed_parts(pl_module, batch: tuple[Tensor, ...], step: int) -> str:
+    """The objective's parts on the batch once more (eagerly, with fresh draws), to say which
+    terms are not finite."""
+    inputs, targets, labels = batch
+    inputs, targets = inputs.to(pl_module.dtype), targets.to(pl_module.dtype)
+    try:
+        model = pl_module.model.given(labels)
+        parts = pl_module.objective(model, inputs, targets, step=step)
+    except (ValueError, RuntimeError) as e:  # e.g. a distribution refusing NaN parameters
+        return f"its parts could not be recomputed ({type(e).__name__})"
+    values = {n: v.float().mean().item() for n, v in parts.items() if n not in ("loss", "beta")}
+    bad = [n for n, v in values.items() if not math.isfinite(v)]
+    summary = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
+    return f"not finite on this batch: {' and '.join(bad) or 'no part when recomputed'} ({summary})"
 
 
 class RandomState(L.Callback):

@@ -33,7 +33,6 @@ class ProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.metrics = list(metrics)
         self.values: dict[str, float] = {}
-        self._seen_log_step = -1
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return {name: f"{value:.5g}" for name, value in self.values.items()}
@@ -45,10 +44,11 @@ class ProgressBar(TQDMProgressBar):
                 self.values[name] = float(logged[name])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        log_step = getattr(pl_module, "logged_step", None)
-        if log_step is not None and log_step != self._seen_log_step:
-            self._seen_log_step = log_step
-            self._read(trainer, "train/")
+        if self.refresh_rate and (batch_idx + 1) % self.refresh_rate == 0:  # as the bar redraws
+            for name in self.metrics:  # the step's own outputs: train/loss -> outputs["loss"]
+                part = name.removeprefix("train/")
+                if name.startswith("train/") and part in outputs:
+                    self.values[name] = float(outputs[part].detach().float().mean())
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,7 +16,7 @@ Binarisation (`binarize`):
   on [0, 1] bounds the probability of the 8-bit image (Theis et al. 2016) and bits per dimension
   are comparable with the literature; without it x = pixel / 255, the values a discretised
   likelihood gives probabilities to (a density's bpd is undefined there). `auto` (default):
-  dequantised for a density, k / 255 for a likelihood over the 256 values (`adapt_to`).
+  dequantised for a density, k / 255 for a likelihood over the 256 values (`accepts`).
 
 Data paths:
 - `in_memory=true` (default; MNIST-family splits are 47 MB): each split is one uint8 tensor. With
@@ -133,7 +133,11 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_seed: int | None = None,
         root: str | None = None,
         image_size: int | None = None,
+        accepts: tuple[str, ...] | None = None,
     ) -> None:
+        """`accepts`: the pixel models the likelihood accepts (build.py passes them), which
+        `dequantize: auto` follows: dequantised values for a density, k / 255 for a likelihood
+        over the 256 values (without them, dequantised)."""
         super().__init__()
         require(
             binarize in BINARIZE_MODES,
@@ -172,6 +176,8 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.binarize = binarize
+        if dequantize == "auto":
+            dequantize = accepts is None or "dequantized" in accepts or "discrete" not in accepts
         self.dequantize = dequantize
         self.val_size = val_size
         self.split_seed = split_seed
@@ -226,12 +232,6 @@ class ImageDataModule(L.LightningDataModule):
         if self.binarize != "none":
             return "binary"
         return "dequantized" if self.dequantize else "discrete"
-
-    def adapt_to(self, accepts: tuple[str, ...]) -> None:
-        """Resolve `dequantize: auto` for a likelihood that accepts these pixel models:
-        dequantised values for a density, k / 255 for a likelihood over the 256 values."""
-        if self.dequantize == "auto":
-            self.dequantize = "dequantized" in accepts or "discrete" not in accepts
 
     @property
     def pixel_description(self) -> str:

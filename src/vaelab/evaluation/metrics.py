@@ -25,6 +25,7 @@ from torch.distributions import Distribution
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vaelab.compiled import Compiled, cpu_options
 from vaelab.data import ImageDataModule
 from vaelab.errors import require
 from vaelab.models import LatentVariableModel
@@ -72,54 +73,19 @@ def resolve_max_codes(
     return max(CPU_MAX_CODES, min(MAX_CODES_CEILING, codes))
 
 
-def compile_options() -> dict[str, bool]:
-    """Inductor options for the compiled weights: tanh as 2 / (1 + exp(-2x)) - 1 on a CPU
-    (faster than the vectorised library tanh; off by default in torch for its relative error
-    near 0, which does not matter for activations: the absolute error stays below 2e-7). Left
-    out where this torch has no such option."""
-    cpp = getattr(getattr(torch, "_inductor", None), "config", None)
-    cpp = getattr(cpp, "cpp", None)
-    return {"cpp.use_decompose_tanh": True} if hasattr(cpp, "use_decompose_tanh") else {}
-
-
-def warn_compile_failed(setting: str, error: Exception, fallback: str) -> None:
-    """The one warning when torch.compile fails and the caller goes on eagerly."""
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    log.warning(
-        "%s: torch.compile failed (%s: %s); %s",
-        setting,
-        type(error).__name__,
-        first_line[:200],
-        fallback,
-    )
-
-
 class CompiledLogWeights:
     """A model's `log_weights` with log p(x|z) (`model.log_likelihood`: the decoder and the
-    likelihood's log-density, the bulk of the work) through `torch.compile`: the decoder's matrix
-    products stay library calls, and everything between and after them (activations, the
-    likelihood's per-pixel log-probs and their sum) becomes a few fused loops (the Bernoulli
-    likelihood's grouped sum, `vaelab.likelihoods.bernoulli_log_prob_sum`, fuses into one), with
-    the exp-based tanh of `compile_options` (benchmarks/nll_is.py has the figures). The prior's
-    and the posterior's log-densities of the codes are added eagerly, so any prior works. Shapes
-    are static (one compilation per chunk shape, usually one). If compiling fails (no C++
-    compiler on a CPU machine, an unsupported module), one warning says so and every call from
-    then on runs eagerly; the numbers are the same up to float rounding.
-    """
+    likelihood's log-density, the bulk of the work) through torch.compile (`eval.compile`,
+    vaelab.compiled): the decoder's matrix products stay library calls, and everything between
+    and after them becomes a few fused loops (benchmarks/nll_is.py has the figures). The prior's
+    and the posterior's log-densities of the codes are added eagerly, so any prior works."""
 
-    def __init__(self, model: LatentVariableModel) -> None:
-        self.eager = model.log_likelihood
-        self.fn = torch.compile(self.eager, dynamic=False, options=compile_options())
-
-    def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
-        if self.fn is self.eager:
-            return self.eager(x, z)
-        try:  # compilation happens on a call: the first, and any with a new chunk shape
-            return self.fn(x, z)
-        except Exception as e:  # any failure of the compiler stack: fall back, do not stop
-            warn_compile_failed("eval.compile", e, "evaluating eagerly")
-            self.fn = self.eager
-            return self.eager(x, z)
+    def __init__(self, model: LatentVariableModel, device: torch.device) -> None:
+        # (no cpp_wrapper: one call per chunk of thousands of codes leaves nothing to gain)
+        options = cpu_options("cpp.use_decompose_tanh") if device.type == "cpu" else {}
+        self.log_likelihood = Compiled(
+            model.log_likelihood, "eval.compile", options, "evaluating eagerly"
+        )
 
     def __call__(self, x: Tensor, z: Tensor, q: Distribution, p: Distribution) -> Tensor:
         return self.log_likelihood(x, z) + p.log_prob(z) - q.log_prob(z)
@@ -140,7 +106,7 @@ def weights_function(
     check_compile_choice(compile)
     worth_it = device.type == "cpu" and total_codes >= COMPILE_AUTO_MIN_CODES
     if compile is True or (compile == "auto" and worth_it):
-        return CompiledLogWeights(model)
+        return CompiledLogWeights(model, device)
     return None
 
 
@@ -190,7 +156,7 @@ def evaluate_split(
     weights_fn = None
     if probabilistic and not model.conditional:  # (a compiled decoder would not see the labels)
         weights_fn = weights_function(model, compile, k * examples, device)
-    prior = model.prior() if probabilistic and not model.conditional else None
+    prior = model.prior() if probabilistic and not model.conditional else None  # the same for all
     bar = tqdm(total=examples, desc=progress, unit="img", disable=progress is None, leave=True)
     nll_sum = 0.0
     seen = 0
@@ -205,34 +171,32 @@ def evaluate_split(
         if kept < keep:
             results.examples.append(x[: keep - kept].cpu())
             results.example_inputs.append(inputs[: keep - kept].cpu())
-        with model.conditioned(labels if model.conditional else None):  # log p(x|y) if so
-            q = model.posterior(inputs)
-            if probabilistic:
-                p = model.prior() if prior is None else prior
-                while True:
-                    try:
-                        bound = iwae_bound(
-                            model, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=p
-                        )
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        if not auto or max_codes <= CPU_MAX_CODES:
-                            raise
-                        max_codes = max(CPU_MAX_CODES, max_codes // 2)
-                        results.max_codes = max_codes
-                        torch.cuda.empty_cache()
-                        log.warning(
-                            "eval.max_codes=auto: out of memory; %d codes per call", max_codes
-                        )
-                results.log_likelihood.append(bound["log_likelihood"].cpu())
-                results.elbo_is.append(bound["elbo"].cpu())
-                nll_sum -= float(results.log_likelihood[-1].double().sum())
-                bar.set_postfix_str(f"nll_is={nll_sum / seen:.2f}", refresh=False)
-                kl = model.rate_per_dim(q, p)  # (B, D), or None for a mixture prior
-                if kl is not None:
-                    results.kl_per_dim.append(kl.cpu())
-            reconstruction = model.decode(q.mean).mean
-        results.posterior_mean.append(model.representation(q).cpu())
+        given = model.given(labels)  # log p(x|y) for a conditional model
+        q = given.posterior(inputs)
+        if probabilistic:
+            p = given.prior() if prior is None else prior
+            while True:
+                try:
+                    bound = iwae_bound(
+                        given, x, k, max_codes, inputs=inputs, weights_fn=weights_fn, prior=p
+                    )
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if not auto or max_codes <= CPU_MAX_CODES:
+                        raise
+                    max_codes = max(CPU_MAX_CODES, max_codes // 2)
+                    results.max_codes = max_codes
+                    torch.cuda.empty_cache()
+                    log.warning("eval.max_codes=auto: out of memory; %d codes per call", max_codes)
+            results.log_likelihood.append(bound["log_likelihood"].cpu())
+            results.elbo_is.append(bound["elbo"].cpu())
+            nll_sum -= float(results.log_likelihood[-1].double().sum())
+            bar.set_postfix_str(f"nll_is={nll_sum / seen:.2f}", refresh=False)
+            kl = given.rate_per_dim(q, p)  # (B, D), or None for a mixture prior
+            if kl is not None:
+                results.kl_per_dim.append(kl.cpu())
+        reconstruction = given.decode(q.mean).mean
+        results.posterior_mean.append(given.representation(q).cpu())
         results.labels.append(labels.cpu())
         results.squared_error.append((reconstruction - x).pow(2).flatten(1).mean(1).cpu())
         bar.update(len(x))

@@ -50,28 +50,27 @@ def image_grids(
     their labels, which a conditional model reads). The prior's draws come from `seed`, without
     touching the caller's random state; a conditional model's samples have one row per class."""
     inputs = inputs[:16]
-    labels = labels[: len(inputs)].to(inputs.device) if model.conditional else None
+    labels = labels[: len(inputs)].to(inputs.device) if labels is not None else None
     sample_labels = model.sample_labels(64)
     with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with model.conditioned(sample_labels):
-            prior = model.prior()
-            codes = model.sample_codes(64 if sample_labels is None else len(sample_labels))
-            samples = model.decode(codes).mean
+        given = model.given(sample_labels)
+        prior = given.prior()
+        codes = given.sample_codes(64 if sample_labels is None else len(sample_labels))
+        samples = given.decode(codes).mean
         quantiles = None
-        flat = model.latent_dim is not None and not model.conditional
+        flat = model.flat_code_dim is not None
         if flat:
             probabilities = torch.linspace(0.05, 0.95, MANIFOLD_SIZE)
-            if model.latent_dim > 2:
+            if model.flat_code_dim > 2:
                 probabilities = torch.tensor([0.00135, 0.99865])
             quantiles = prior_quantiles(prior, probabilities)  # (P, D)
-    with model.conditioned(labels):
-        reconstructions = model.reconstruct(inputs)
+    reconstructions = model.given(labels).reconstruct(inputs)
     grids = {
         "reconstructions": pair_grid(inputs, reconstructions, targets),
         "samples": grid(samples, nrow=samples_per_row(sample_labels)),
     }
-    if flat and model.latent_dim == 2:
+    if flat and model.flat_code_dim == 2:
         # rows: z_2 from high to low, columns: z_1 from low to high (as in a plot)
         z2, z1 = torch.meshgrid(quantiles[:, 1].flip(0), quantiles[:, 0], indexing="ij")
         grid_codes = torch.stack([z1, z2], dim=-1).reshape(-1, 2).to(inputs.device)
@@ -211,9 +210,7 @@ def add_gif(writer: SummaryWriter, tag: str, data: bytes, height: int, width: in
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     image = Summary.Image(height=height, width=width, colorspace=1, encoded_image_string=data)
-    writer._get_file_writer().add_summary(
-        Summary(value=[Summary.Value(tag=tag, image=image)]), step
-    )
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def factor_mi_figure(mi_matrix, factor_names: tuple[str, ...], title: str) -> plt.Figure:

@@ -15,17 +15,17 @@ distributions (torch.distributions objects, one event per example) and a few der
 - `sample(n)`, `reconstruct(x)`, `representation(q)` (the code a picture or a diagnostic uses:
   the posterior mean, (B, D)), `latent_parts` (name -> event shape, one per stochastic
   layer) and `layer_rates(x)` (the rate of each layer, for models with several);
-- `conditional`, `conditioned(labels)`, `sample_labels(n)`: a conditional model (model=cvae)
-  reads the labels the caller hands over for a block of calls.
+- `given(labels)`: the model given the examples' labels (B,), as an argument: a conditional
+  model (`conditional`, model=cvae) returns a view whose distributions are those given the
+  labels, any other model itself; `sample_labels(n)` gives labels to sample for;
+- `flat_code_dim`: D when the code is one flat vector whose dimensions can be set one by one
+  (traversals, the manifold, disentanglement metrics, FactorVAE), else None.
 
 Nothing outside a model assumes one Gaussian latent or a closed-form KL: a new family subclasses
 `LatentVariableModel` and overrides what differs.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -76,38 +76,12 @@ def stopped(q: Distribution) -> Distribution:
     return q.detached()
 
 
-class LatentVariableModel(nn.Module):
-    """Base class of vaelab's model families; subclasses implement posterior, prior, decode and
-    latent_parts, and may override the derived terms."""
+class ModelTerms:
+    """The derived terms of the protocol, written on `posterior`, `prior`, `decode` and
+    `latent_parts` (shared by the models and by a conditional model's view given labels)."""
 
-    #: name -> event shape of each stochastic layer's code
     latent_parts: dict[str, tuple[int, ...]]
-    image_shape: tuple[int, int, int]
-    #: A conditional model's posterior, prior and decoder read the examples' labels, which the
-    #: caller hands over with `with model.conditioned(labels): ...` (a no-op for other models).
     conditional = False
-    #: What the evaluation's figures mean for this family, when it is not the plain
-    #: importance-sampled -log p(x) (evaluate.py prints it with them).
-    evaluation_note: str | None = None
-
-    @contextlib.contextmanager
-    def conditioned(self, labels: Tensor | None) -> Iterator[None]:
-        """Within the block, the model's distributions are those given `labels` (B,)."""
-        yield
-
-    def sample_labels(self, n: int) -> Tensor | None:
-        """Labels for n samples of a conditional model (classes in rows of equal length), None
-        for an unconditional one."""
-        return None
-
-    def posterior(self, x: Tensor) -> Distribution:
-        raise NotImplementedError
-
-    def prior(self) -> Distribution:
-        raise NotImplementedError
-
-    def decode(self, z: Tensor) -> Distribution:
-        raise NotImplementedError
 
     def rate(
         self, q: Distribution, p: Distribution, z: Tensor, log_ratio: Tensor | None = None
@@ -148,12 +122,51 @@ class LatentVariableModel(nn.Module):
 
     @property
     def latent_dim(self) -> int | None:
-        """D of a model with one flat latent vector (pictures that sweep its dimensions), else
-        None."""
+        """D of a model with one flat latent vector, else None."""
         if len(self.latent_parts) != 1:
             return None
         (shape,) = self.latent_parts.values()
         return shape[0] if len(shape) == 1 else None
+
+    @property
+    def flat_code_dim(self) -> int | None:
+        """D when the code is one flat vector whose dimensions can be set one by one, with no
+        labels to give (traversals, the manifold, disentanglement metrics); else None."""
+        return None if self.conditional else self.latent_dim
+
+
+class LatentVariableModel(ModelTerms, nn.Module):
+    """Base class of vaelab's model families; subclasses implement posterior, prior, decode and
+    latent_parts, and may override the derived terms."""
+
+    image_shape: tuple[int, int, int]
+    #: What the evaluation's figures mean for this family, when it is not the plain
+    #: importance-sampled -log p(x) (evaluate.py prints it with them).
+    evaluation_note: str | None = None
+    #: Its codes are a codebook's vectors (`quantize`, `decode_vectors`; model=vqvae), which an
+    #: objective that trains codes (objective=vq) needs.
+    vector_quantised: bool = False
+
+    def check_objective(self, objective) -> None:
+        """Refuse, with one line, an objective this model cannot be trained with."""
+
+    def given(self, labels: Tensor | None) -> ModelTerms:
+        """The model given the examples' labels (B,): itself, for a model without labels."""
+        return self
+
+    def sample_labels(self, n: int) -> Tensor | None:
+        """Labels for n samples of a conditional model (classes in rows of equal length), None
+        for an unconditional one."""
+        return None
+
+    def posterior(self, x: Tensor) -> Distribution:
+        raise NotImplementedError
+
+    def prior(self) -> Distribution:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Distribution:
+        raise NotImplementedError
 
 
 @torch.no_grad()

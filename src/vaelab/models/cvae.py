@@ -12,15 +12,14 @@ Gaussian per class p(z | y) (closed-form KL either way). Every bound is then con
 ELBO bounds log p(x | y), and the importance-sampled estimate evaluate.py reports is
 -log p(x | y).
 
-The labels come from the data (batch labels): the training step, the evaluation pass and the
-pictures hand them over with `with model.conditioned(labels): ...`; samples are drawn for
-`sample_labels(n)`, one row per class.
+The labels come from the data (batch labels) as an argument: the training step, the evaluation
+pass and the pictures use `model.given(labels)`, the model protocol with every distribution given
+the labels; samples are drawn for `sample_labels(n)`, one row per class.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +27,7 @@ from torch.distributions import Distribution
 
 from vaelab.errors import ConfigError, require, require_int
 from vaelab.likelihoods import Likelihood, at_least_float32
+from vaelab.models.base import ModelTerms
 from vaelab.models.vae import VAE, DecoderFactory, EncoderFactory, PriorFactory
 
 
@@ -53,7 +53,6 @@ class ConditionalVAE(VAE):
         embedding_dim: int | None = None,
         conditional_prior: bool = False,
         feature_dim: int = 256,
-        compile: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         require_int("model.latent_dim", latent_dim, 1)
@@ -80,19 +79,14 @@ class ConditionalVAE(VAE):
         else:
             self.class_prior = None
             self.latent_prior = prior(latent_dim=latent_dim, image_shape=self.image_shape)
-            if hasattr(self.latent_prior, "pseudo_inputs"):
+            if self.latent_prior.encodes_inputs:
                 raise ConfigError(
                     "prior=vampprior encodes unlabelled pseudo-inputs, which a conditional "
                     "encoder cannot; use model.conditional_prior=true or another prior group"
                 )
-        self.labels: Tensor | None = None
         self.checked = False
-        if compile:
-            self.encoder.compile()
-            self.decoder.compile()
 
-    @contextlib.contextmanager
-    def conditioned(self, labels: Tensor | None) -> Iterator[None]:
+    def given(self, labels: Tensor | None) -> GivenLabels:
         require(
             labels is not None,
             "model=cvae needs the examples' labels, and this data source gives none",
@@ -105,11 +99,7 @@ class ConditionalVAE(VAE):
                 f"{high}; set model.n_classes={high + 1}",
             )
             self.checked = labels.device.type != "cpu"
-        previous, self.labels = self.labels, labels.long()
-        try:
-            yield
-        finally:
-            self.labels = previous
+        return GivenLabels(self, labels.long())
 
     def sample_labels(self, n: int) -> Tensor:
         """n // n_classes samples of each class in turn (at least one), on the model's device:
@@ -118,46 +108,74 @@ class ConditionalVAE(VAE):
         device = next(self.parameters()).device
         return torch.arange(self.n_classes, device=device).repeat_interleave(per_class)
 
-    def label_code(self, batch_shape: torch.Size) -> Tensor:
-        """e(y) for the current labels (B,), broadcast to batch_shape (..., B): (..., E)."""
-        require(
-            self.labels is not None,
-            "model=cvae was asked for a distribution without labels; call it inside "
-            "`with model.conditioned(labels):`",
-        )
-        labels = self.labels
+    def label_code(self, labels: Tensor, batch_shape: torch.Size) -> Tensor:
+        """e(y) for labels (B,), broadcast to batch_shape (..., B): (..., E)."""
         if self.embedding is not None:
             code = self.embedding(labels)
         else:
             code = nn.functional.one_hot(labels, self.n_classes).float()
         require(
             batch_shape[-1:] == labels.shape,
-            f"model=cvae holds {len(labels)} labels for a batch of shape {tuple(batch_shape)}",
+            f"model=cvae was given {len(labels)} labels for a batch of shape {tuple(batch_shape)}",
         )
         return code.expand(*batch_shape, code.shape[-1])
 
-    def posterior(self, x: Tensor) -> Distribution:
+    def posterior_given(self, x: Tensor, labels: Tensor) -> Distribution:
         """q(z|x, y): diagonal Gaussian, event (latent_dim,), batch (B,)."""
         features = self.encoder(x)
-        labels = self.label_code(features.shape[:1]).to(features.dtype)
-        params = self.head(torch.cat([features, labels], dim=-1))
-        return self.gaussian(params)
+        code = self.label_code(labels, features.shape[:1]).to(features.dtype)
+        return self.gaussian(self.head(torch.cat([features, code], dim=-1)))
 
-    def prior(self) -> Distribution:
+    def prior_given(self, labels: Tensor) -> Distribution:
         """p(z|y) (batch (B,)) with a class prior, else the configured p(z)."""
         if self.class_prior is None:
             return self.latent_prior(self)
-        require(self.labels is not None, "model=cvae needs labels for its class prior")
-        return self.gaussian(self.class_prior(self.labels))
+        return self.gaussian(self.class_prior(labels))
 
-    def decode(self, z: Tensor) -> Distribution:
-        """p(x|z, y) for codes z (*S, B, latent_dim) and the current labels (B,)."""
-        (latent_dim,) = self.latent_parts["z"]
-        inputs = torch.cat([z, self.label_code(z.shape[:-1]).to(z.dtype)], dim=-1)
+    def decode_given(self, z: Tensor, labels: Tensor) -> Distribution:
+        """p(x|z, y) for codes z (*S, B, latent_dim) and labels (B,)."""
+        inputs = torch.cat([z, self.label_code(labels, z.shape[:-1]).to(z.dtype)], dim=-1)
         params = at_least_float32(self.decoder(inputs.reshape(-1, inputs.shape[-1])))
         return self.likelihood(params.view(*z.shape[:-1], *params.shape[1:]))
 
+    def posterior(self, x: Tensor) -> Distribution:
+        raise self.without_labels()
+
+    def prior(self) -> Distribution:
+        raise self.without_labels()
+
+    def decode(self, z: Tensor) -> Distribution:
+        raise self.without_labels()
+
+    @staticmethod
+    def without_labels() -> ConfigError:
+        return ConfigError(
+            "model=cvae was asked for a distribution without labels; use model.given(labels)"
+        )
+
+
+class GivenLabels(ModelTerms):
+    """A ConditionalVAE given labels y (B,): the model protocol with every distribution given
+    y; anything else (latent_parts, likelihood, parameters, ...) is the model's."""
+
+    conditional = True
+
+    def __init__(self, model: ConditionalVAE, labels: Tensor) -> None:
+        self.model, self.labels = model, labels
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def posterior(self, x: Tensor) -> Distribution:
+        return self.model.posterior_given(x, self.labels)
+
+    def prior(self) -> Distribution:
+        return self.model.prior_given(self.labels)
+
+    def decode(self, z: Tensor) -> Distribution:
+        return self.model.decode_given(z, self.labels)
+
     def sample_codes(self, n: int) -> Tensor:
-        """n codes z ~ p(z|y) for the current labels (n of them), (n, latent_dim)."""
+        """n codes z ~ p(z|y) for the labels (n of them), (n, latent_dim)."""
         p = self.prior()
-        return p.sample() if self.class_prior is not None else p.sample((n,))
+        return p.sample() if self.model.class_prior is not None else p.sample((n,))

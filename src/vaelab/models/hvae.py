@@ -175,7 +175,7 @@ class HierarchicalVAE(LatentVariableModel):
         self.up = nn.ModuleList(GaussianLayer(a, b, hidden_dims, activation) for a, b in pairs)
         self.down = nn.ModuleList(GaussianLayer(b, a, hidden_dims, activation) for a, b in pairs)
         self.top_prior = prior(latent_dim=latent_dims[-1], image_shape=self.image_shape)
-        if hasattr(self.top_prior, "pseudo_inputs"):
+        if self.top_prior.encodes_inputs:
             raise ConfigError(
                 "prior=vampprior needs q(z_L|x) in closed form, which a chain of stochastic "
                 "layers has not; use prior=standard_normal or prior=mog with model=hvae"

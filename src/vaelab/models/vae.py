@@ -44,10 +44,7 @@ class VAE(LatentVariableModel):
         encoder: EncoderFactory,
         decoder: DecoderFactory,
         latent_dim: int = 32,
-        compile: bool = False,
     ) -> None:
-        """`compile`: torch.compile the encoder and decoder in place (nn.Module.compile), so
-        parameter names and checkpoints do not change."""
         super().__init__()
         require_int("model.latent_dim", latent_dim, 1)
         c, h, w = (int(s) for s in image_shape)
@@ -57,9 +54,6 @@ class VAE(LatentVariableModel):
         self.encoder = encoder(in_shape=self.image_shape, out_dim=2 * latent_dim)
         self.decoder = decoder(latent_dim=latent_dim, out_shape=(likelihood.out_channels(c), h, w))
         self.latent_prior = prior(latent_dim=latent_dim, image_shape=self.image_shape)
-        if compile:
-            self.encoder.compile()
-            self.decoder.compile()
 
     @classmethod
     def bound_log_var(cls, log_var: Tensor) -> Tensor:

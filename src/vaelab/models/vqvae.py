@@ -317,6 +317,7 @@ class VQVAE(LatentVariableModel):
     pixelcnn (`prior_channels`, `prior_layers`). `freeze_autoencoder`: encoder, decoder and
     codebook fixed (the second stage, which trains the code prior alone)."""
 
+    vector_quantised = True
     evaluation_note = (
         "point-mass posterior on the code grid k(x): nll_is = -log p(x | z_q(x)) - log p(k(x)), "
         "an upper bound on -log p(x) computed with one draw whatever eval.k"
@@ -389,7 +390,7 @@ class VQVAE(LatentVariableModel):
 
     def check_objective(self, objective) -> None:
         require(
-            getattr(objective, "trains_codes", False),
+            objective.trains_codes,
             f"model=vqvae trains with objective=vq (straight-through gradients through its "
             f"discrete codes), got {objective!r}",
         )
