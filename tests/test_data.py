@@ -15,8 +15,7 @@ import torchvision
 from helpers.runs import fake_images, write_fake_dataset, write_idx
 
 from vaelab.data import MNIST, FashionMNIST, ImageDataModule, ImageSource
-from vaelab.data import datamodule as datamodule_module
-from vaelab.data.datamodule import bernoulli_255, from_three_bytes
+from vaelab.data import pixels as pixels_module
 from vaelab.data.datasets import (
     IndexBatch,
     InMemoryImages,
@@ -25,6 +24,7 @@ from vaelab.data.datasets import (
     missing_files,
     read_idx,
 )
+from vaelab.data.pixels import bernoulli_255, from_three_bytes
 from vaelab.errors import ConfigError, DataError
 from vaelab.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, GaussianFixed
 
@@ -757,7 +757,7 @@ def test_the_cpu_path_draws_later_bytes_for_ties_only_and_follows_the_same_rule(
         asked.append(n)
         return served[len(asked) - 1]
 
-    monkeypatch.setattr(datamodule_module, "random_bytes", fake_random_bytes)
+    monkeypatch.setattr(pixels_module, "random_bytes", fake_random_bytes)
     got = bernoulli_255(pixels.view(64, 1, 8, 8))
     assert asked == [4096, len(ties0), len(ties1)] and 0 < len(ties1) < len(ties0) < 4096
     assert torch.equal(got.view(-1), from_three_bytes(pixels, r0, r1, r2))

@@ -18,7 +18,7 @@ from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.build import build_datamodule
 from vaelab.data import DSprites, DSpritesLike, FactorSpace
-from vaelab.data.factors import DSPRITES_FILE, git_blob_hash
+from vaelab.data.dsprites import DSPRITES_FILE, git_blob_hash
 from vaelab.errors import DataError
 from vaelab.evaluation import disentanglement as metrics
 from vaelab.models.base import LatentVariableModel

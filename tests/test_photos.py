@@ -151,7 +151,7 @@ def test_images_of_more_than_8_bits_are_rescaled_not_clipped(tmp_path):
     255 to white; decode rescales v -> round(v * 255 / 65535). 32-bit pixels are refused."""
     import numpy as np
 
-    from vaelab.data.photos import decode, eight_bit
+    from vaelab.data.decoding import decode, eight_bit
 
     values = np.array([[0, 257, 32768, 65535], [128, 383, 1000, 65280]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "deep.png")

@@ -1,8 +1,10 @@
 """Data: one image LightningDataModule over small image sources."""
 
 from vaelab.data.datamodule import ImageDataModule
-from vaelab.data.factors import DSprites, DSpritesLike, FactorSpace
-from vaelab.data.photos import CIFAR10, SVHN, CelebA, ImageFolder
+from vaelab.data.dsprites import DSprites, DSpritesLike
+from vaelab.data.factors import FactorSpace
+from vaelab.data.official import CIFAR10, SVHN
+from vaelab.data.photos import CelebA, ImageFolder
 from vaelab.data.sources import MNIST, FashionMNIST, ImageSource
 
 __all__ = [

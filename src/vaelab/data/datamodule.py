@@ -7,16 +7,7 @@ become model inputs. The dataset itself is an `ImageSource` (vaelab.data.sources
 files into uint8 tensors. Splits: validation carved from the training set with a fixed seed
 (unless the source has its own), the real test set for testing.
 
-Binarisation (`binarize`):
-- `dynamic`: training images are resampled x ~ Bernoulli(intensity) every time they are drawn
-  (on the device, per batch); validation and test images are binarised once with `binarize_seed`
-  so evaluation numbers are deterministic.
-- `static`: every split binarised once with `binarize_seed`.
-- `none`: 8-bit intensities; with `dequantize` x = (pixel + u) / 256, u ~ U(0, 1), so a density
-  on [0, 1] bounds the probability of the 8-bit image (Theis et al. 2016) and bits per dimension
-  are comparable with the literature; without it x = pixel / 255, the values a discretised
-  likelihood gives probabilities to (a density's bpd is undefined there). `auto` (default):
-  dequantised for a density, k / 255 for a likelihood over the 256 values (`accepts`).
+Binarisation and dequantisation (`binarize`, `dequantize`): vaelab.data.pixels.
 
 Data paths:
 - `in_memory=true` (default; MNIST-family splits are 47 MB): each split is one uint8 tensor. With
@@ -45,8 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from vaelab.data import pixels
 from vaelab.data.datasets import (
-    FixedBinarization,
     IndexBatch,
     InMemoryImages,
     SplitIndices,
@@ -54,59 +45,11 @@ from vaelab.data.datasets import (
 )
 from vaelab.data.loaders import EpochSampler, ResumableLoader
 from vaelab.data.sources import ImageSource
+from vaelab.data.splits import Splitter
 from vaelab.errors import DataError, require, require_int, require_number
 
 BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
-
-
-def as_float(bits: Tensor) -> Tensor:
-    """0/1 as float32; through a uint8 view, which is ~10x faster than bool -> float on CPU."""
-    return bits.view(torch.uint8).float()
-
-
-def random_bytes(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """n uniform random bytes from torch's generator, drawn as 64-bit words: about 5x cheaper on
-    a CPU than torch.randint's one 32-bit draw per byte."""
-    words = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
-    return words.random_(-(2**63), None).view(torch.uint8)[:n]
-
-
-def bernoulli_255(pixels: Tensor) -> Tensor:
-    """x ~ Bernoulli(pixel / 255) per uint8 pixel p, from uniform random bytes r0, r1, r2:
-
-        x = [r0 < p] or [r0 = p] and ([r1 < p] or [r1 = p] and ([r2 < p] or [r2 = p = 255]))
-
-    has P(x) = p/256 + p/256² + p/256³ (+ 1/256³ at p = 255): p/255 to a relative 2^-24 (a
-    float32 uniform's resolution), black pixels always 0 and white ones always 1. Only a tie
-    (r = p, one pixel in 256) reads the next byte, so on a CPU, where drawing the random bits is
-    most of the cost, the next bytes are drawn for the tied pixels alone (~1.004 bytes per pixel
-    instead of 3; figures in benchmarks/README.md); on an accelerator, where picking out the ties
-    would wait for the device, all three bytes are drawn for every pixel (`from_three_bytes`)."""
-    flat = pixels.reshape(-1)
-    if flat.device.type == "cpu":
-        return refine_ties(flat).view(pixels.shape)
-    r0, r1, r2 = random_bytes(3 * flat.numel(), flat.device).view(3, -1)
-    return from_three_bytes(flat, r0, r1, r2).view(pixels.shape)
-
-
-def refine_ties(p: Tensor, depth: int = 0) -> Tensor:
-    """The rule of `bernoulli_255` byte by byte: one byte per pixel, then the tied pixels again."""
-    r = random_bytes(p.numel(), p.device)
-    x, tie = r < p, r == p
-    if depth == 2:
-        return x | (tie & (p == 255))
-    ties = tie.nonzero().squeeze(1)
-    if len(ties):
-        x[ties] = refine_ties(p[ties], depth + 1)
-    return x
-
-
-def from_three_bytes(p: Tensor, r0: Tensor, r1: Tensor, r2: Tensor) -> Tensor:
-    """The rule of `bernoulli_255` on three given bytes per pixel, all at once."""
-    white = torch.full_like(p, 255)  # a scalar operand is ~10x slower on CPU
-    last = (r2 < p) | ((r2 == p) & (p == white))
-    return (r0 < p) | ((r0 == p) & ((r1 < p) | ((r1 == p) & last)))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -193,6 +136,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_loader: ResumableLoader | None = None
         self.splits: dict[str, InMemoryImages] = {}
         self.per_sample: dict[str, torch.utils.data.Dataset] = {}  # in_memory=false
+        self.splitter = Splitter(
+            source, data_dir, self.image_shape, val_size, split_seed, binarize, binarize_seed
+        )
         self._resident: dict[str, tuple[Tensor, Tensor]] = {}  # device_cache copies
 
     @property
@@ -216,8 +162,6 @@ class ImageDataModule(L.LightningDataModule):
     def factors(self):
         """The ground-truth factors (vaelab.data.factors.FactorSpace) of a source that has them
         (dsprites, dsprites_like: its labels are then factor indices, (N, F)), else None."""
-        if not hasattr(self.source, "grid_images"):
-            return None
         return self.source.factors
 
     def factor_grid(self) -> Tensor:
@@ -257,111 +201,18 @@ class ImageDataModule(L.LightningDataModule):
         self.source.download(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.in_memory:
-            self._setup_per_sample(stage)
-            return
-        if stage in ("fit", "validate", None) and "train" not in self.splits:
-            if "val" in self.source.splits:  # the dataset's own validation split
-                self._load("train")
-                self._load("val")
-            else:
-                self._carve_validation()
-        if stage in ("test", None) and "test" not in self.splits:
-            self._load("test")
-        if "train" in self.splits:
-            self._check_batch_size(len(self.splits["train"]))
-
-    def _setup_per_sample(self, stage: str | None) -> None:
-        """in_memory=false: the splits as per-sample datasets; nothing is read whole, the
-        validation split is carved from the indices exactly as the in-memory path carves it."""
-        if stage in ("fit", "validate", None) and "train" not in self.per_sample:
-            if "val" in self.source.splits:
-                for split in ("train", "val"):
-                    n = len(self.source.per_sample(self.data_dir, split))
-                    self.per_sample[split] = self._per_sample(split, torch.arange(n), split)
-            else:
-                n = len(self.source.per_sample(self.data_dir, "train"))
-                val, train = self._validation_indices(n)
-                self.per_sample["train"] = self._per_sample("train", train, "train")
-                self.per_sample["val"] = self._per_sample("train", val, "val")
-        if stage in ("test", None) and "test" not in self.per_sample:
-            n = len(self.source.per_sample(self.data_dir, "test"))
-            self.per_sample["test"] = self._per_sample("test", torch.arange(n), "test")
-        if "train" in self.per_sample:
-            self._check_batch_size(len(self.per_sample["train"]))
-
-    def _check_batch_size(self, n_train: int) -> None:
-        require(
-            self.batch_size <= n_train,
-            f"data.batch_size={self.batch_size} is larger than the training split "
-            f"({n_train} images)",
-        )
-
-    def _validation_indices(self, n: int) -> tuple[Tensor, Tensor]:
-        """(validation, training) indices of a training set of n images, seeded by split_seed."""
-        require(
-            self.val_size < n,
-            f"data.val_size={self.val_size} leaves no training images "
-            f"({n} in the {self.name} training set)",
-        )
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        return order[: self.val_size], order[self.val_size :]
-
-    def _read(self, split: str) -> tuple[Tensor, Tensor]:
-        images, labels = self.source.read(self.data_dir, split)
-        if tuple(images.shape[1:]) != self.image_shape or images.dtype != torch.uint8:
-            raise DataError(
-                f"{self.name} {split} images are {images.dtype} {tuple(images.shape[1:])}, "
-                f"expected uint8 {self.image_shape}"
+        splits = self.splits if self.in_memory else self.per_sample
+        (self.splitter.in_memory if self.in_memory else self.splitter.per_sample)(stage, splits)
+        if "train" in splits:
+            require(
+                self.batch_size <= len(splits["train"]),
+                f"data.batch_size={self.batch_size} is larger than the training split "
+                f"({len(splits['train'])} images)",
             )
-        return images, labels
-
-    def _load(self, split: str) -> None:
-        """A split the source holds as it is (test; train and val when it has both)."""
-        images, labels = self._read(split)
-        self.splits[split] = self._pixels(images, labels, split)
-
-    def _carve_validation(self) -> None:
-        images, labels = self._read("train")
-        val, train = self._validation_indices(len(images))
-        self.splits["train"] = self._pixels(images[train], labels[train], "train")
-        self.splits["val"] = self._pixels(images[val], labels[val], "val")
-
-    def _binarised_once(self, split: str) -> bool:
-        return self.binarize == "static" or (self.binarize == "dynamic" and split != "train")
-
-    def _binarize_seed(self, split: str) -> int:
-        return 3 * self.binarize_seed + ("train", "val", "test").index(split)
-
-    def _pixels(self, images: Tensor, labels: Tensor, split: str) -> InMemoryImages:
-        """Binarise once where the mode says so (stored as bool), else keep uint8."""
-        if self._binarised_once(split):
-            g = torch.Generator().manual_seed(self._binarize_seed(split))
-            images = torch.bernoulli(images.float() / 255, generator=g).bool()
-        return InMemoryImages(images, labels)
-
-    def _per_sample(
-        self, source_split: str, indices: Tensor, split: str
-    ) -> torch.utils.data.Dataset:
-        """The source's per-sample dataset restricted to the split's indices."""
-        dataset = self.source.per_sample(self.data_dir, source_split)
-        subset = torch.utils.data.Subset(dataset, indices.tolist())
-        if self._binarised_once(split):
-            return FixedBinarization(subset, self._binarize_seed(split))
-        return subset
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Stored pixels (bool or uint8, on any device) -> float model inputs in [0, 1]."""
-        if images.dtype == torch.bool:
-            return as_float(images)
-        if self.binarize == "dynamic":
-            return as_float(bernoulli_255(images))
-        intensity = images.float()
-        if self.dequantize:
-            # u in [0, 1); the clamp stops float32 rounding pixel + u up to pixel + 1.
-            noisy = intensity + torch.rand_like(intensity)
-            return torch.minimum(noisy, intensity + (1 - 2**-16)) / 256
-        return intensity / 255
+        return pixels.model_inputs(images, self.binarize == "dynamic", bool(self.dequantize))
 
     def stored(self, batch: IndexBatch | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """(stored images, labels) of a loader's batch, on the batch's device."""
@@ -385,18 +236,8 @@ class ImageDataModule(L.LightningDataModule):
         return self.corrupt(targets), targets, labels
 
     def corrupt(self, x: Tensor) -> Tensor:
-        """The encoder's view of clean inputs x in [0, 1], per `noise`:
-        gaussian: clamp(x + noise_std * eps, 0, 1); salt_and_pepper: a `noise_prob` fraction of
-        pixels set to 0 or 1 at random; mask: a `noise_prob` fraction of pixels set to 0."""
-        if self.noise == "none":
-            return x
-        if self.noise == "gaussian":
-            return (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)
-        hit = torch.rand_like(x) < self.noise_prob
-        if self.noise == "mask":
-            return x.masked_fill(hit, 0.0)
-        salt = (torch.rand_like(x) < 0.5).to(x.dtype)
-        return torch.where(hit, salt, x)
+        """The encoder's view of clean inputs x (vaelab.data.pixels.corrupted)."""
+        return pixels.corrupted(x, self.noise, self.noise_std, self.noise_prob)
 
     def _trainer_layout(self) -> tuple[int, int, int] | None:
         """(epoch, number of processes, this process's rank) while a trainer runs."""

@@ -36,6 +36,9 @@ class ImageSource:
     image_shape: tuple[int, int, int]
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
     root: Path | None = None
+    #: The ground-truth factors of the images (vaelab.data.factors.FactorSpace) where the
+    #: source has them (its labels are then factor indices, and it has `grid_images`), else None.
+    factors = None
 
     def default_folder(self, data_dir: str | Path) -> Path:
         """Where this dataset's files live under the data root."""
