@@ -18,7 +18,8 @@ from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.likelihoods import Bernoulli, DiscretizedLogistic
 from vaelab.models import VQVAE
-from vaelab.models.vqvae import AutoregressiveCodes, PixelCNN, VectorQuantizer, perplexity
+from vaelab.models.code_priors import AutoregressiveCodes, PixelCNN
+from vaelab.models.quantizer import VectorQuantizer, perplexity
 from vaelab.objectives import VQ, iwae_bound
 
 

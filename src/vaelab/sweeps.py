@@ -25,8 +25,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vaelab.evaluation.sweep import FAILURES_FILE, read_failures, run_dirs
+
 log = logging.getLogger(__name__)
-FAILURES_FILE = "failures.jsonl"
 
 
 class RecordFailures(Callback):
@@ -75,28 +76,6 @@ def slurm_job() -> dict[str, str]:
     entry["slurm_job_id"] = environment.job_id  # <array job>_<task> for a sweep
     entry["log"] = str(environment.paths.stdout).replace("%t", str(environment.global_rank))
     return entry
-
-
-def read_failures(sweep_dir: Path) -> dict[str, str]:
-    """Run dir name -> error, from failures.jsonl (empty when no run failed)."""
-    file = sweep_dir / FAILURES_FILE
-    if not file.is_file():
-        return {}
-    entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return {entry["run_dir"]: entry["error"] for entry in entries}
-
-
-def run_dirs(sweep_dir: Path) -> list[Path]:
-    """The run subdirs of a sweep dir (those with .hydra/), in job order."""
-
-    def number(child: Path) -> tuple[int, str]:
-        head = child.name.split("_")[0]
-        return (int(head) if head.isdigit() else 1 << 30, child.name)
-
-    children = (
-        [c for c in sweep_dir.iterdir() if (c / ".hydra").is_dir()] if sweep_dir.is_dir() else []
-    )
-    return sorted(children, key=number)
 
 
 def format_sweep_summary(sweep_dir: Path) -> str:

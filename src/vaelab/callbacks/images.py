@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torchvision
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from vaelab.errors import require
+from vaelab.evaluation.pictures import grid, pair_grid
 
 
 class ImageLogger(L.Callback):
@@ -68,20 +68,6 @@ class ImageLogger(L.Callback):
         )
         nrow = 8 if sample_labels is None else int((sample_labels == sample_labels[0]).sum())
         writer.add_image("images/samples", grid(samples, nrow=nrow), step)
-
-
-def grid(images: Tensor, nrow: int = 8) -> Tensor:
-    """(N, C, H, W) -> (C, H', W') image grid, values clamped to [0, 1]."""
-    return torchvision.utils.make_grid(images.detach().clamp(0, 1).cpu(), nrow=nrow, pad_value=1)
-
-
-def pair_grid(inputs: Tensor, reconstructions: Tensor, targets: Tensor | None = None) -> Tensor:
-    """Rows: the inputs, their reconstructions, and (when the inputs were corrupted, as for a
-    denoising autoencoder) the clean targets."""
-    rows = [inputs, reconstructions]
-    if targets is not None and not torch.equal(targets, inputs):
-        rows.append(targets)
-    return grid(torch.cat(rows), nrow=len(inputs))
 
 
 def tensorboard_writer(trainer: L.Trainer):

@@ -22,10 +22,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from vaelab.callbacks.images import grid, pair_grid  # noqa: E402
 from vaelab.models import LatentVariableModel  # noqa: E402
 from vaelab.models.base import prior_quantiles  # noqa: E402
 
@@ -37,6 +37,20 @@ EMBEDDING_POINTS = 2000
 
 
 @torch.no_grad()
+def grid(images: Tensor, nrow: int = 8) -> Tensor:
+    """(N, C, H, W) -> (C, H', W') image grid, values clamped to [0, 1]."""
+    return torchvision.utils.make_grid(images.detach().clamp(0, 1).cpu(), nrow=nrow, pad_value=1)
+
+
+def pair_grid(inputs: Tensor, reconstructions: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Rows: the inputs, their reconstructions, and (when the inputs were corrupted, as for a
+    denoising autoencoder) the clean targets."""
+    rows = [inputs, reconstructions]
+    if targets is not None and not torch.equal(targets, inputs):
+        rows.append(targets)
+    return grid(torch.cat(rows), nrow=len(inputs))
+
+
 def image_grids(
     model: LatentVariableModel,
     inputs: Tensor,

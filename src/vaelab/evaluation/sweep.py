@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from vaelab.errors import CheckpointError  # noqa: E402
-from vaelab.sweeps import read_failures  # noqa: E402
 
+#: one JSON line per failed run of a sweep (vaelab.sweeps.RecordFailures writes it)
+FAILURES_FILE = "failures.jsonl"
 COLUMNS = ["elbo", "nll_is", "rate", "distortion", "active_units", "mse"]
 #: disentanglement metrics, columns only when some run has them (data with factors)
 FACTOR_COLUMNS = ["mig", "dci_disentanglement"]
@@ -32,16 +34,32 @@ def is_sweep_dir(path: Path) -> bool:
 
 
 def sweep_runs(path: Path) -> list[Path]:
-    runs = sorted(
-        (child for child in path.iterdir() if (child / ".hydra").is_dir()),
-        key=lambda child: (
-            int(child.name.split("_")[0]) if child.name.split("_")[0].isdigit() else 1 << 30,
-            child.name,
-        ),
-    )
+    runs = run_dirs(path)
     if not runs:
         raise CheckpointError(f"run={path} is a sweep dir with no runs in it")
     return runs
+
+
+def read_failures(sweep_dir: Path) -> dict[str, str]:
+    """Run dir name -> error, from failures.jsonl (empty when no run failed)."""
+    file = sweep_dir / FAILURES_FILE
+    if not file.is_file():
+        return {}
+    entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return {entry["run_dir"]: entry["error"] for entry in entries}
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    """The run subdirs of a sweep dir (those with .hydra/), in job order."""
+
+    def number(child: Path) -> tuple[int, str]:
+        head = child.name.split("_")[0]
+        return (int(head) if head.isdigit() else 1 << 30, child.name)
+
+    children = (
+        [c for c in sweep_dir.iterdir() if (c / ".hydra").is_dir()] if sweep_dir.is_dir() else []
+    )
+    return sorted(children, key=number)
 
 
 def overrides(run_dir: Path) -> dict[str, str]:

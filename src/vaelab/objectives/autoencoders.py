@@ -7,7 +7,7 @@ from torch import Tensor
 
 from vaelab.errors import require, require_number
 from vaelab.models import LatentVariableModel
-from vaelab.objectives.base import Objective
+from vaelab.objectives.base import Objective, bound_parts
 
 
 class Autoencoder(Objective):
@@ -28,14 +28,9 @@ class Autoencoder(Objective):
         )
         self.reconstruction = reconstruction
 
-    def __call__(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
-        target = x if target is None else target
         p = model.decode(model.posterior(x).mean)
         distortion = -p.log_prob(target)  # (B,)
         squared_error = (p.mean - target).pow(2).flatten(1).sum(-1)  # (B,)
@@ -73,26 +68,20 @@ class VQ(Objective):
             f"{type(model).__name__}; use objective=elbo or iwae with it",
         )
 
-    def __call__(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
         self.check_model(model)
-        target = x if target is None else target
         codes = model.quantize(x)
         distortion = -model.decode_vectors(codes["z_q"]).log_prob(target)  # (B,)
         rate = -model.prior().log_prob(codes["indices"])  # (B,)
         loss = distortion + self.beta * codes["commitment"] + rate
         if model.quantizer.codebook == "loss":
             loss = loss + codes["codebook_loss"]
-        return dict(
-            loss=loss.mean(),
-            elbo=-(distortion + rate),
-            rate=rate,
-            distortion=distortion,
+        return bound_parts(
+            loss.mean(),
+            distortion,
+            rate,
             commitment=codes["commitment"],
             perplexity=codes["perplexity"],
             usage=codes["usage"],

@@ -37,6 +37,24 @@ class Objective:
         """Parameter groups of the objective's own modules, with their optimizer settings."""
         return []
 
+    def __call__(
+        self, model, x: Tensor, target: Tensor | None = None, step: int | Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The parts for inputs x (what the encoder sees) and targets (what the likelihood
+        scores, default x; they differ for a denoising autoencoder); `step` drives a KL schedule
+        (None: the target beta)."""
+        return self.parts(model, x, x if target is None else target, step)
+
+    def parts(self, model, x: Tensor, target: Tensor, step: int | Tensor | None) -> dict:
+        raise NotImplementedError
+
+
+def bound_parts(loss: Tensor, distortion: Tensor, rate: Tensor, **extra: Tensor) -> dict:
+    """What an objective on the ELBO's scale reports: the loss to minimise, elbo = -(distortion
+    + rate) with beta = 1 whatever the objective weighs, rate and distortion (each (B,)), and its
+    own parts."""
+    return dict(loss=loss, elbo=-(distortion + rate), rate=rate, distortion=distortion, **extra)
+
 
 #: Gradient estimators of the bounds: `standard` differentiates the Monte-Carlo bound as written;
 #: `dreg` (Tucker et al. 2018) drops the score-function terms of q(z|x)'s parameters, whose

@@ -14,7 +14,13 @@ from torch.distributions import Distribution
 from vaelab.errors import require, require_number
 from vaelab.models import LatentVariableModel
 from vaelab.models.base import stopped
-from vaelab.objectives.base import KLSchedule, Objective, check_estimator, scale_code_gradients
+from vaelab.objectives.base import (
+    KLSchedule,
+    Objective,
+    bound_parts,
+    check_estimator,
+    scale_code_gradients,
+)
 
 
 class ELBO(Objective):
@@ -59,19 +65,9 @@ class ELBO(Objective):
     def beta(self) -> float:
         return self.schedule.beta
 
-    def __call__(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
-        """Per-example parts (each shape (B,)) and the batch-mean `loss` to minimise.
-
-        x is the encoder's input; target (default x) is what the likelihood scores (they differ
-        for a denoising autoencoder). step drives the KL schedule (None: the target beta).
-        """
-        target = x if target is None else target
         q = model.posterior(x)  # batch (B,)
         prior = model.prior()
         z = q.rsample((self.n_samples,))  # (L, B, ...)
@@ -93,11 +89,10 @@ class ELBO(Objective):
             path_rate = (stopped(q).log_prob(z) - prior.log_prob(z)).mean(0)
             surrogate = distortion.mean() + beta * path_rate.mean()
             loss = loss.detach() + surrogate - surrogate.detach()
-        return dict(
-            loss=loss,
-            elbo=-(distortion + rate),
-            rate=rate,
-            distortion=distortion,
+        return bound_parts(
+            loss,
+            distortion,
+            rate,
             beta=torch.as_tensor(beta, dtype=torch.float32),
         )
 
@@ -134,14 +129,9 @@ class IWAE(Objective):
         self.k = k
         self.estimator = estimator
 
-    def __call__(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
-        target = x if target is None else target
         q = model.posterior(x)
         prior = model.prior()
         z = q.rsample((self.k,))  # (k, B, ...)
@@ -158,11 +148,10 @@ class IWAE(Objective):
             scale_code_gradients(z, weights)  # w_i once more on the path into q's parameters
             surrogate = -(weights * path_log_w).sum(0).mean()
             loss = loss.detach() + surrogate - surrogate.detach()
-        return dict(
-            loss=loss,
-            elbo=-(distortion + rate),
-            rate=rate,
-            distortion=distortion,
+        return bound_parts(
+            loss,
+            distortion,
+            rate,
             iwae=bound.detach(),
         )
 

@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 from vaelab.errors import require, require_betas, require_int, require_number
 from vaelab.models import LatentVariableModel
 from vaelab.nets.encoders import check_sizes, mlp
-from vaelab.objectives.base import Objective
+from vaelab.objectives.base import Objective, bound_parts
 
 
 def one_draw(
@@ -126,30 +126,24 @@ class BetaTCVAE(Objective, torch.nn.Module):
             log_pz=prior.log_prob(z),
         )
 
-    def forward(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
         require(
             int(self.dataset_size) > 0,
             "objective=beta_tcvae: the number of training images is not known yet (set "
             "objective.dataset_size, or train through train.py, which sets it from the data)",
         )
-        target = x if target is None else target
         q, prior, z, distortion, rate = one_draw(model, x, target, "objective=beta_tcvae")
         terms = self.decomposition(q, prior, z)
         mi = terms["log_qzx"] - terms["log_qz"]
         tc = terms["log_qz"] - terms["log_prod_qzd"]
         dim_kl = terms["log_prod_qzd"] - terms["log_pz"]
         loss = distortion + self.alpha * mi + self.beta * tc + self.gamma * dim_kl
-        return dict(
-            loss=loss.mean(),
-            elbo=-(distortion + rate),
-            rate=rate,
-            distortion=distortion,
+        return bound_parts(
+            loss.mean(),
+            distortion,
+            rate,
             mi=mi.detach(),
             tc=tc.detach(),
             dim_kl=dim_kl.detach(),
@@ -227,15 +221,10 @@ class FactorVAE(Objective, torch.nn.Module):
         require(self.discriminator is not None, "objective=factorvae: no model bound yet")
         return [dict(params=list(self.discriminator.parameters()), lr=self.lr, betas=self.betas)]
 
-    def forward(
-        self,
-        model: LatentVariableModel,
-        x: Tensor,
-        target: Tensor | None = None,
-        step: int | None = None,
+    def parts(
+        self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
     ) -> dict[str, Tensor]:
         require(self.discriminator is not None, "objective=factorvae: no model bound yet")
-        target = x if target is None else target
         _, _, z, distortion, rate = one_draw(model, x, target, "objective=factorvae")
         frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         tc = torch.func.functional_call(self.discriminator, frozen, (z,)).squeeze(-1)
@@ -246,11 +235,10 @@ class FactorVAE(Objective, torch.nn.Module):
         d_loss = 0.5 * (bce(real, torch.ones_like(real)) + bce(shuffled, torch.zeros_like(real)))
         accuracy = 0.5 * ((real > 0).float().mean() + (shuffled < 0).float().mean())
         loss = (distortion + rate + self.gamma * tc).mean() + d_loss
-        return dict(
-            loss=loss,
-            elbo=-(distortion + rate),
-            rate=rate,
-            distortion=distortion,
+        return bound_parts(
+            loss,
+            distortion,
+            rate,
             tc=tc.detach(),
             discriminator_loss=d_loss.detach(),
             discriminator_accuracy=accuracy.detach(),
