@@ -28,7 +28,7 @@ class CodeGrid(Distribution):
 
     def __init__(self, indices: Tensor) -> None:
         self.indices = indices
-        super().__init__(indices.shape[:1], indices.shape[1:], validate_args=False)
+        super().__init__(indices.shape[:1], indices.shape[1:], validate_args=None)
 
     def sample(self, sample_shape: torch.Size = EMPTY) -> Tensor:
         return self.indices.expand(*sample_shape, *self.indices.shape)
@@ -40,6 +40,8 @@ class CodeGrid(Distribution):
         )
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         same = (value == self.indices).flatten(-2).all(-1)
         return torch.where(same, 0.0, -math.inf).to(torch.float32)
 
@@ -105,9 +107,11 @@ class AutoregressiveCodes(Distribution):
 
     def __init__(self, net: PixelCNN, grid: tuple[int, int]) -> None:
         self.net, self.grid = net, grid
-        super().__init__(EMPTY, torch.Size(grid), validate_args=False)
+        super().__init__(EMPTY, torch.Size(grid), validate_args=None)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         codes = value.long().reshape(-1, *self.grid)  # (N, h, w)
         log_p = torch.log_softmax(at_least_float32(self.net(codes)), dim=1)
         picked = log_p.gather(1, codes[:, None]).squeeze(1)  # (N, h, w)

@@ -68,7 +68,7 @@ class ChainPosterior(Distribution):
 
     def __init__(self, first: Distribution, layers: Sequence[Conditional], dims: Sequence[int]):
         self.first, self.layers, self.dims = first, list(layers), list(dims)
-        super().__init__(first.batch_shape, torch.Size([sum(dims)]), validate_args=False)
+        super().__init__(first.batch_shape, torch.Size([sum(dims)]), validate_args=None)
 
     def rsample(self, sample_shape: torch.Size = EMPTY) -> Tensor:
         codes = [self.first.rsample(sample_shape)]  # (*S, B, d_1)
@@ -81,6 +81,8 @@ class ChainPosterior(Distribution):
             return self.rsample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         codes = value.split(self.dims, dim=-1)
         total = self.first.log_prob(codes[0])
         for layer, below, z in zip(self.layers, codes[:-1], codes[1:], strict=True):
@@ -113,9 +115,11 @@ class ChainPrior(Distribution):
     def __init__(self, top: Distribution, layers: Sequence[Conditional], dims: Sequence[int]):
         """`layers[l]` maps z_{l+2} to p(z_{l+1} | z_{l+2}) (0-based l; the last maps z_L)."""
         self.top, self.layers, self.dims = top, list(layers), list(dims)
-        super().__init__(top.batch_shape, torch.Size([sum(dims)]), validate_args=False)
+        super().__init__(top.batch_shape, torch.Size([sum(dims)]), validate_args=None)
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
         codes = value.split(self.dims, dim=-1)
         total = self.top.log_prob(codes[-1])
         for layer, z, above in zip(self.layers, codes[:-1], codes[1:], strict=True):
