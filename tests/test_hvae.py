@@ -200,3 +200,15 @@ def test_hvae_trains_evaluates_and_resumes(data_dir, tmp_path):
     last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 1 and last["global_step"] == 2 * torch.load(checkpoint)["global_step"]
     assert last["hyper_parameters"]["model"]["_target_"] == "vaelab.models.HierarchicalVAE"
+
+
+def test_the_chain_distributions_validate_their_values_when_asked():
+    """validate_args is switchable on vaelab's Distribution subclasses (on in the tests): a code
+    of the wrong size is refused, not broadcast."""
+    model = linear_chain()[0]
+    q, p = model.posterior(chain_data(2)), model.prior()
+    z = q.sample()
+    q.log_prob(z), p.log_prob(z)
+    for distribution in (q, p):
+        with pytest.raises(ValueError):
+            distribution.log_prob(z[..., :-1])

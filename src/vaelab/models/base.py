@@ -33,16 +33,28 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelab.errors import ConfigError
 
+#: Kinds of (posterior, prior) pairs whose KL torch's registry (`register_kl`) does not have:
+#: found on the first call, so later calls (and compiled graphs) go straight to the estimate.
+NO_CLOSED_FORM: set[tuple[tuple[type, ...], tuple[type, ...]]] = set()
+
+
+def kind(d: Distribution) -> tuple[type, ...]:
+    """What KL dispatch looks at: the class, and for `Independent` the base's class too."""
+    return (type(d), type(d.base_dist)) if isinstance(d, Independent) else (type(d),)
+
 
 def rate(q: Distribution, p: Distribution, z: Tensor, log_ratio: Tensor | None = None) -> Tensor:
-    """KL(q || p) per example: the registered closed form (or torch's own estimate) where torch
-    has the pair, else mean_s [log q(z_s) - log p(z_s)] over the draws z (S, B, ...), which are
-    the ones the rest of the objective uses, so its gradient is the reparameterised one.
-    `log_ratio`: log q(z) - log p(z) (S, B), when the caller has it already (IWAE's weights)."""
-    try:
-        return kl_divergence(q, p)
-    except NotImplementedError:
-        return (q.log_prob(z) - p.log_prob(z) if log_ratio is None else log_ratio).mean(0)
+    """KL(q || p) per example: the registered closed form where torch's KL registry has the pair,
+    else mean_s [log q(z_s) - log p(z_s)] over the draws z (S, B, ...), which are the ones the
+    rest of the objective uses, so its gradient is the reparameterised one. `log_ratio`:
+    log q(z) - log p(z) (S, B), when the caller has it already (IWAE's weights)."""
+    pair = (kind(q), kind(p))
+    if pair not in NO_CLOSED_FORM:
+        try:
+            return kl_divergence(q, p)
+        except NotImplementedError:
+            NO_CLOSED_FORM.add(pair)
+    return (q.log_prob(z) - p.log_prob(z) if log_ratio is None else log_ratio).mean(0)
 
 
 def rate_per_dim(q: Distribution, p: Distribution) -> Tensor | None:
