@@ -10,6 +10,7 @@ import pytest
 from helpers.runs import (
     assert_fragments,
     assert_one_line_error,
+    evaluate_error,
     run_script,
     tiny,
     train_error,
@@ -120,13 +121,8 @@ def test_damaged_dataset_file(damage, tmp_path):
 
 def test_evaluate_on_a_path_that_is_no_run(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_script(
-        "evaluate.py", [f"run={tmp_path / 'empty'}", f"paths.log_dir={tmp_path}"], cwd=tmp_path
-    )
-    assert_one_line_error(result, "neither a .ckpt file nor a run dir")
+    message = evaluate_error([f"run={tmp_path / 'empty'}"], tmp_path)
+    assert "neither a .ckpt file nor a run dir" in message
     not_a_checkpoint = tmp_path / "notes.ckpt"
     shutil.copy(__file__, not_a_checkpoint)
-    result = run_script(
-        "evaluate.py", [f"run={not_a_checkpoint}", f"paths.log_dir={tmp_path}"], cwd=tmp_path
-    )
-    assert_one_line_error(result, "not a loadable checkpoint")
+    assert "not a loadable checkpoint" in evaluate_error([f"run={not_a_checkpoint}"], tmp_path)

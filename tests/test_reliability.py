@@ -20,14 +20,16 @@ from helpers.runs import (
     REPO,
     assert_fragments,
     assert_one_line_error,
+    compose_train,
     run_script,
     tiny,
     train_error,
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vaelab import train as train_module
 from vaelab.callbacks import FiniteGuard
-from vaelab.errors import CheckpointError, NonFiniteError
+from vaelab.errors import CheckpointError, ConfigError, NonFiniteError
 from vaelab.objectives import ELBO
 from vaelab.run.checkpoints import RunCheckpointIO
 
@@ -222,32 +224,23 @@ def test_same_seed_same_run(data_dir, tmp_path):
 
 
 def test_resume_errors(data_dir, tmp_path):
+    """In-process: the one-line printing of the CLI is test_errors'."""
     empty = tmp_path / "not_a_run"
     empty.mkdir()
-    args = [f"resume={empty}", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp_path}"]
-    assert_one_line_error(run_script("train.py", args, cwd=tmp_path), "no loadable checkpoint")
+    message = train_error([f"resume={empty}", f"paths.data_dir={data_dir}"], tmp_path / "x")
+    assert "no loadable checkpoint" in message
 
-    first = run_script(
-        "train.py", train_args(data_dir, tmp_path / "a", "trainer.max_epochs=1"), cwd=tmp_path
-    )
-    assert first.returncode == 0
-    run_dir = only_run_dir(tmp_path / "a")
-    args = [f"resume={run_dir}", f"paths.data_dir={data_dir}", "model=conv"]
-    assert_one_line_error(
-        run_script("train.py", args, cwd=tmp_path),
-        "resume keeps the run's saved config",
-        "model=conv",
-    )
+    run_dir = tmp_path / "a"
+    args = train_args(data_dir, tmp_path, "trainer.max_epochs=1")
+    train_module.run(compose_train(args, output_dir=run_dir))
+    resume = [f"resume={run_dir}", f"paths.data_dir={data_dir}", "model=conv"]
+    cfg = compose_train(resume, output_dir=run_dir)
+    with pytest.raises(ConfigError, match="resume keeps the run's saved config.*model=conv"):
+        train_module.run(cfg)
     # a checkpoint of another architecture
-    args = [
-        *tiny(data_dir),
-        f"paths.log_dir={tmp_path / 'b'}",
-        "model.latent_dim=7",
-        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-    ]
-    assert_one_line_error(
-        run_script("train.py", args, cwd=tmp_path), "holds another model than this config builds"
-    )
+    args = [*tiny(data_dir), "model.latent_dim=7", f"ckpt_path={run_dir / 'checkpoints/last.ckpt'}"]
+    message = train_error(args, tmp_path / "b")
+    assert "holds another model than this config builds" in message
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,19 @@ def train_error(overrides: list[str], tmp_path: Path) -> str:
     return str(error)
 
 
+def evaluate_error(overrides: list[str], tmp_path: Path) -> str:
+    """The one-line user error that evaluating with `overrides` ends in."""
+    from vaelab import evaluate
+
+    cfg = compose_evaluate([*overrides, f"paths.log_dir={tmp_path}"], output_dir=tmp_path / "eval")
+    with pytest.raises(Exception) as info:
+        evaluate.run(cfg)
+    error = find_user_error(info.value)
+    assert error is not None, f"not a user error: {info.value!r}"
+    assert "\n" not in str(error), str(error)
+    return str(error)
+
+
 def assert_fragments(message: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in message, message
