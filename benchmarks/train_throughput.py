@@ -51,13 +51,15 @@ sys.path.insert(0, str(REPO / "tests"))  # the fake-IDX writer the tests use
 from helpers.runs import write_idx  # noqa: E402
 
 from vaelab.build import (  # noqa: E402
-    NVML_CHECK,
     build_datamodule,
     build_model,
     build_module,
     build_trainer,
 )
 from vaelab.train import instantiate_group, training_callbacks  # noqa: E402
+
+#: torch's switch for an NVML-based torch.cuda.is_available(), which importing Lightning turns on
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def peak_rss_mb() -> float:

@@ -8,6 +8,7 @@ where no NVIDIA driver is installed."""
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -20,6 +21,7 @@ from torch._dynamo.utils import counters
 
 from vaelab import train as train_module
 from vaelab.build import NoProfiler, build_datamodule, build_module, build_trainer
+from vaelab.callbacks.nvml import NVML_CHECK, NoFailingNvmlCheck
 from vaelab.compiled import CPU_OPTIONS, CompiledObjective
 from vaelab.data.datasets import IndexBatch
 from vaelab.errors import ConfigError
@@ -211,3 +213,21 @@ def test_the_inductor_options_vaelab_names_exist_in_this_torch():
     one is named here (cpu_options would silently leave it out)."""
     missing = sorted(set(CPU_OPTIONS) - set(torch._inductor.list_options()))
     assert not missing, f"this torch has no inductor option {missing} (vaelab.compiled)"
+
+
+def test_the_failing_nvml_check_is_off_for_the_fit_only(monkeypatch):
+    """Where NVML cannot be loaded, Lightning's NVML-based CUDA check fails at every optimizer
+    step (vaelab.callbacks.nvml): off while the fit runs, back afterwards, and left alone where
+    NVML loads."""
+    callback = NoFailingNvmlCheck()
+    monkeypatch.setenv(NVML_CHECK, "1")
+    monkeypatch.setattr("vaelab.callbacks.nvml.nvml_loads", lambda: False)
+    callback.on_fit_start(None, None)
+    assert NVML_CHECK not in os.environ
+    callback.on_exception(None, None, RuntimeError())
+    assert os.environ[NVML_CHECK] == "1"
+    monkeypatch.setattr("vaelab.callbacks.nvml.nvml_loads", lambda: True)
+    callback.on_fit_start(None, None)
+    assert os.environ[NVML_CHECK] == "1"
+    callback.on_fit_end(None, None)
+    assert os.environ[NVML_CHECK] == "1"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab import evaluate, quiet
 from vaelab.build import build_datamodule, build_module, build_trainer
 from vaelab.callbacks import reliability_callbacks, step_callbacks
+from vaelab.callbacks.nvml import NoFailingNvmlCheck
 from vaelab.ddp import use_hydra_child_command
 from vaelab.errors import CheckpointError, ConfigError, require_int
 from vaelab.run.checkpoints import RunCheckpointIO, checkpoint_step, load_weights, newest_saved
@@ -188,6 +189,7 @@ def training_callbacks(config: DictConfig, module, datamodule) -> list[L.Callbac
     )
     if config.get("averaging"):  # after the others: they see the averaged weights at validation
         callbacks.append(instantiate(config.averaging))
+    callbacks.append(NoFailingNvmlCheck())
     return callbacks + reliability_callbacks(check_finite=bool(config.get("check_finite", True)))
 
 
