@@ -103,6 +103,8 @@ def checkpoints_all_load(folder: Path) -> list[int]:
 
 
 def test_kill_9_and_a_full_disk_leave_loadable_checkpoints(filesystems, data_dir):
+    """About 40 s: a new process for each kill -9 (the kill of a whole process is the point),
+    then a full disk and a run to the end."""
     runs, staging = filesystems
     assert os.stat(runs).st_dev != os.stat(staging).st_dev
     base = [

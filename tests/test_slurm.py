@@ -190,7 +190,8 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_result(wor
     """Two identical jobs; one gets SIGUSR2 (what SLURM sends `signal_delay_s` before the time
     limit for submitit) while it trains: it writes last.ckpt at the next batch boundary, is
     requeued, continues in the same run dir and ends with exactly the other job's weights and the
-    same curves, each step once."""
+    same curves, each step once. Over 30 s: two jobs through a live scheduler and a requeue are
+    what is tested."""
     args = [
         "trainer=cpu",
         "trainer.max_epochs=12",

@@ -3,10 +3,10 @@
 CUDA, so processes forked later can still use the GPU). Where NVML is absent (no NVIDIA driver),
 that check fails to load the library and falls back to the CUDA runtime call torch's default
 check makes, on every call; and the optimizer calls it at every step (torch.optim's graph-capture
-health check). A failed library load per step buys no fork safety there: ~0.3 ms per step of the
-default MLP at batch 128 on a 2-core CPU, about 3% (benchmarks/README.md). This callback, the one
-place vaelab touches that switch, turns it off for the fit where the library cannot be loaded,
-and puts it back when the fit ends (the same answer either way).
+health check). A failed library load per step buys no fork safety there, and costs a few percent
+of a small model's step (benchmarks/README.md). This callback, the one place vaelab touches that
+switch, turns it off for the fit where the library cannot be loaded, and puts it back when the
+fit ends (the same answer either way).
 """
 
 from __future__ import annotations
