@@ -13,6 +13,8 @@ from helpers.tensorboard import post, tensorboard_server
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from vaelab.swept import sweep_run_name, swept_keys
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,6 +33,27 @@ def sweep(data_dir: Path, tmp_path: Path, *args: str):
     return run_script("train.py", ["-m", *common, *args], cwd=tmp_path), log_dir
 
 
+def test_sweep_run_names_are_the_swept_keys_unique_and_safe():
+    job = ["trainer.max_epochs=1", "model.latent_dim=2", "objective.beta=0.5", "data=mnist"]
+    assert swept_keys(["trainer.max_epochs=1", "model.latent_dim=2,8", "data=range(0,2)"]) == [
+        "model.latent_dim",
+        "data",
+    ]
+    assert swept_keys([], {"objective.beta": "1,2,4", "seed": "0"}) == ["objective.beta"]
+    varying = ["model.latent_dim", "objective.beta"]
+    assert sweep_run_name(7, job, varying) == "7_latent_dim=2,beta=0.5"
+    # keys whose last parts clash keep their full names; unsafe characters become '-'
+    clash = sweep_run_name(
+        0, ["model.beta=1", "objective.beta=2"], ["model.beta", "objective.beta"]
+    )
+    assert clash == "0_model.beta=1,objective.beta=2"
+    assert sweep_run_name(1, ["data.root=/a b/c"], ["data.root"]) == "1_root=-a-b-c"
+    assert sweep_run_name(2, ["seed=0"], ["seed"]) != sweep_run_name(3, ["seed=0"], ["seed"])
+    assert sweep_run_name(4, job, None).startswith("4_max_epochs=1,latent_dim=2")  # no record
+    long = sweep_run_name(5, [f"k{i}.value=" + "x" * 30 for i in range(20)], None)
+    assert len(long) <= 204 and long.endswith(",...")
+
+
 def test_grid_sweep_lands_in_tensorboard_hparams(data_dir, tmp_path):
     """2x2 grid; TensorBoard's own reader over the sweep dir finds 4 runs, each with its swept
     values as hparams and the metrics to compare."""
@@ -38,8 +61,14 @@ def test_grid_sweep_lands_in_tensorboard_hparams(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     path = sweep_dir(log_dir)
     runs = run_dirs(path)
-    assert [r.name.split("_", 1)[0] for r in runs] == ["0", "1", "2", "3"]
-    assert all("model.latent_dim=" in r.name and "objective.beta=" in r.name for r in runs)
+    # named by what the sweep varies, not by every override (tiny()'s ten are not in them)
+    assert [r.name for r in runs] == [
+        "0_latent_dim=2,beta=0.5",
+        "1_latent_dim=2,beta=1",
+        "2_latent_dim=8,beta=0.5",
+        "3_latent_dim=8,beta=1",
+    ]
+    assert "trainer.max_epochs=1" in (runs[0] / ".hydra" / "overrides.yaml").read_text()
 
     multiplexer = EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,7 @@ NOISE = (
     "TPU available",
     "No CUDA runtime is found",
     "Embedding dir exists",
+    "`srun` command is available",
 )
 
 
@@ -134,6 +136,27 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "output.txt").write_text(result.stdout + result.stderr)
     return only_run_dir(root / "logs")
+
+
+def test_log_lines_never_land_on_a_progress_bar(data_dir, tmp_path):
+    """The per-epoch line and Lightning's own messages are written through the bar (the
+    terminal's log handler clears it first), so none shares a line with it."""
+    args = [*tiny(data_dir), "callbacks.progress_bar.refresh_rate=1", f"paths.log_dir={tmp_path}"]
+    result = run_script("train.py", args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    segments = re.split(r"[\r\n]", result.stdout + result.stderr)
+    bars = [segment for segment in segments if "it/s" in segment]
+    assert bars, "no progress bar was drawn"
+    for bar in bars:
+        for text in ("[vaelab", "Trainer.fit", "Run finished", "epoch 1 (step"):
+            assert text not in bar, bar
+
+
+def test_a_run_that_trained_nothing_says_so(data_dir, tmp_path, caplog):
+    cfg = compose_train([*tiny(data_dir), "trainer.max_epochs=0"], output_dir=tmp_path / "run")
+    with caplog.at_level("INFO"):
+        train_module.run(cfg)
+    assert "nothing was trained" in caplog.text and "python evaluate.py" not in caplog.text
 
 
 def test_the_end_of_a_run_says_what_it_reached(trained_run):
@@ -266,7 +289,7 @@ def test_evaluate_sweep_reports_every_run(data_dir, tmp_path):
     (sweep_dir,) = (log_dir / "train" / "multiruns").iterdir()
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(runs) == 4 and all((sweep_dir / r / "tensorboard").is_dir() for r in runs)
-    assert "model.latent_dim=2" in runs[0] and "objective.beta=0.5" in runs[0]
+    assert runs[0] == "0_latent_dim=2,beta=0.5"  # named by the swept keys
     # A run that died before its first checkpoint is reported, not dropped.
     broken = sweep_dir / "4_model.latent_dim=8"
     shutil.copytree(sweep_dir / runs[0] / ".hydra", broken / ".hydra")

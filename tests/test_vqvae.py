@@ -165,7 +165,7 @@ def test_shapes(shape, likelihood, grid, code_prior):
 @pytest.mark.parametrize(
     "overrides,fragments",
     [
-        (["model=vqvae"], ["model=vqvae trains with objective=vq"]),
+        (["model=vqvae", "objective=elbo"], ["model=vqvae trains with objective=vq"]),
         (["objective=vq"], ["objective=vq trains a vector-quantised model"]),
         (["model=vqvae", "objective=vq", "prior=mog"], ["prior group", "does not apply"]),
         (["model=vqvae", "objective=vq", "model.codebook=kmeans"], ["model.codebook", "kmeans"]),
@@ -194,6 +194,17 @@ def vq_overrides(data_dir, tmp_path) -> list[str]:
         f"paths.log_dir={tmp_path}",
         "final_evaluation=null",  # (evaluated below, in-process)
     ]
+
+
+@pytest.mark.slow
+def test_model_vqvae_alone_selects_its_objective_and_trains(data_dir, tmp_path):
+    """model=vqvae brings objective=vq (its YAML's defaults); an explicit objective wins
+    (test_errors_are_one_line: objective=elbo is then refused in one line)."""
+    overrides = [*vq_overrides(data_dir, tmp_path), "model=vqvae", "trainer.max_epochs=1"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    assert cfg.objective._target_ == "vaelab.objectives.VQ" and cfg.monitor.metric == "val/elbo"
+    metrics = train_module.run(cfg)
+    assert {"val/perplexity", "val/commitment"} <= set(metrics)
 
 
 @pytest.mark.slow

@@ -31,13 +31,13 @@ def _run_dir(resume: str | None, parent: str) -> str:
     )
 
 
-def _run_name(number: int, overrides: str, limit: int = 200) -> str:
-    """A sweep's run subdir: `<number>_<overrides>`, cut at an override boundary so the name
-    stays within file-name limits (the number alone keeps it unique)."""
-    name = f"{number}_{overrides}"
-    if len(name) <= limit:
-        return name
-    return name[: name.rfind(",", 0, limit)] + ",..."
+def _run_name(number: int, job_overrides, sweep_dir: str) -> str:
+    """A sweep's run subdir, named by the keys its sweep varies (vaelab.swept)."""
+    from vaelab.swept import recorded_sweep, sweep_run_name, swept_keys
+
+    overrides, params = recorded_sweep(sweep_dir)
+    varying = None if overrides is None else swept_keys(overrides, params)
+    return sweep_run_name(int(number), list(job_overrides), varying)
 
 
 def _gpus_per_node(accelerator: str, devices: int | str) -> int:

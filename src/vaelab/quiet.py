@@ -11,6 +11,8 @@ import logging
 import re
 import warnings
 
+from tqdm import tqdm
+
 #: Lightning's rank-zero messages come from one of these loggers (the last one imported sets it).
 RANK_ZERO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 #: (logger, message pattern) pairs dropped; the patterns match the start of the message.
@@ -30,7 +32,24 @@ DROPPED_LOG_MESSAGES = (
 DROPPED_WARNINGS = (
     # Lightning's pytree helper with this torch, on every run
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # on any machine with SLURM installed (every login node), at every run not started by srun
+    (r"The `srun` command is available on your system but is not used", UserWarning),
 )
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """The terminal's log handler (configs/hydra/default.yaml): each record written through
+    tqdm, which clears the progress bars first and draws them again after, so a log line never
+    lands on a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # as logging.StreamHandler.emit: a failing log call must not stop a run
+            self.handleError(record)
 
 
 class DropMessages(logging.Filter):

@@ -130,6 +130,12 @@ def format_run_summary(summary: dict[str, Any]) -> str:
     checkpoints, the run dir and the commands to look at it."""
     squared = summary.get("squared_error", False)
     state = "stopped early" if summary.get("interrupted") else "finished"
+    run_dir = summary["run_dir"]
+    if not summary["steps"]:
+        return (
+            f"Run {state}: nothing was trained (0 steps: trainer.max_epochs, max_steps or "
+            f"max_time allowed none), so there is no checkpoint to evaluate\nRun dir: {run_dir}"
+        )
     lines = [
         f"Run {state}: {summary['epochs']} epochs, {summary['steps']} steps in "
         f"{duration(summary['seconds'])}",
@@ -160,7 +166,6 @@ def format_run_summary(summary: dict[str, Any]) -> str:
     for kind in ("best", "last"):
         if kind in checkpoints:
             lines.append(f"Checkpoint ({kind}): {checkpoints[kind]}")
-    run_dir = summary["run_dir"]
     lines += [f"Run dir: {run_dir}", f"Next: tensorboard --logdir {run_dir}"]
     if summary.get("interrupted"):
         lines.append(f"      python train.py resume={run_dir}")

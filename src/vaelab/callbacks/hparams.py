@@ -16,18 +16,17 @@ other constant keys.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams
 
 from vaelab.callbacks.images import tensorboard_writer
+from vaelab.swept import recorded_sweep, swept_keys
 
 #: Config subtrees that say how a run was executed, not what was trained.
 EXCLUDED = ("paths/", "callbacks/", "logger/", "hydra/")
@@ -97,17 +96,15 @@ def varying_keys() -> list[str]:
     if not HydraConfig.initialized():
         return []
     hydra_cfg = HydraConfig.get()
-    parser = OverridesParser.create()
-    keys = [str(key) for key in (hydra_cfg.sweeper.get("params") or {})]
+    params = {str(k): str(v) for k, v in (hydra_cfg.sweeper.get("params") or {}).items()}
+    keys = list(params)
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-        multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-        if multirun.is_file():  # the sweep's own command line, with its comma lists and ranges
-            task = OmegaConf.load(multirun).hydra.overrides.task
-            keys += [
-                o.key_or_group for o in parser.parse_overrides(list(task)) if o.is_sweep_override()
-            ]
+        overrides, recorded_params = recorded_sweep(hydra_cfg.sweep.dir)
+        keys += swept_keys(overrides or [], recorded_params)
     else:
+        parser = OverridesParser.create()
         keys += [o.key_or_group for o in parser.parse_overrides(list(hydra_cfg.overrides.task))]
+    keys = list(dict.fromkeys(keys))
     return [key.lstrip("+~") for key in keys if key not in ("resume", "experiment")]
 
 
