@@ -233,7 +233,7 @@ def test_dci_lasso_agrees_on_a_perfect_code(codes):
 def test_protocol_errors_name_the_value():
     with pytest.raises(Exception, match="'nope' is not one of mig, dci"):
         metrics.Protocol(metrics=("nope",))
-    with pytest.raises(Exception, match="dci_model must be one of gbt, lasso"):
+    with pytest.raises(Exception, match="dci_model must be one of gbt, lgbm, lasso"):
         metrics.Protocol(dci_model="forest")
     with pytest.raises(Exception, match="eval.disentanglement_protocol has no setting 'points'"):
         metrics.protocol_from({"points": 5}, "eval.disentanglement_protocol")

@@ -9,11 +9,14 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.runs import (
+    REPO,
     compose_evaluate,
     compose_train,
     evaluate_error,
@@ -142,9 +145,16 @@ def test_log_lines_never_land_on_a_progress_bar(data_dir, tmp_path):
     """The per-epoch line and Lightning's own messages are written through the bar (the
     terminal's log handler clears it first), so none shares a line with it."""
     args = [*tiny(data_dir), "callbacks.progress_bar.refresh_rate=1", f"paths.log_dir={tmp_path}"]
-    result = run_script("train.py", args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    segments = re.split(r"[\r\n]", result.stdout + result.stderr)
+    result = subprocess.run(  # stdout and stderr interleaved, as on a terminal
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    segments = re.split(r"[\r\n]", result.stdout)
     bars = [segment for segment in segments if "it/s" in segment]
     assert bars, "no progress bar was drawn"
     for bar in bars:

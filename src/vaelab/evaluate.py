@@ -241,13 +241,14 @@ def disentanglement_report(cfg, model, datamodule, device, report, metrics) -> d
         cfg.eval.get("disentanglement_protocol"), "eval.disentanglement_protocol"
     )
     start = time.perf_counter()
-    results, figures = factor_report(model, datamodule, device, protocol)
+    results, figures = factor_report(model, datamodule, device, protocol, progress=log.info)
     metrics.update(disentanglement_scalars(results))
     report["disentanglement"] = {
         "grid_images": len(datamodule.factors),
         "factors": dict(zip(datamodule.factors.names, datamodule.factors.sizes, strict=True)),
         "protocol": asdict(protocol),
         "seconds": round(time.perf_counter() - start, 3),
+        "seconds_per_metric": results["seconds"],
         **{name: value.tolist() for name, value in results.items() if name.endswith("_matrix")},
     }
     return figures

@@ -63,8 +63,23 @@ class DropMessages(logging.Filter):
         return self.pattern.match(record.getMessage()) is None
 
 
+#: Loggers that Lightning gives a terminal handler of its own when it is imported before any
+#: logging is configured (it then stops them from propagating to the root logger's handlers).
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
 def install() -> None:
-    """Add the filters (idempotent: one filter per logger, however often it is called)."""
+    """Add the filters (idempotent: one filter per logger, however often it is called), and
+    write Lightning's own terminal messages through the progress bar (`BarSafeHandler`)."""
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # Lightning's plain one
+                safe = BarSafeHandler(handler.stream)
+                safe.setLevel(handler.level)
+                safe.setFormatter(handler.formatter)
+                logger.removeHandler(handler)
+                logger.addHandler(safe)
     by_logger: dict[str, list[str]] = {}
     for names, pattern in DROPPED_LOG_MESSAGES:
         for name in names:

@@ -53,7 +53,7 @@ class DisentanglementLogger(L.Callback):
 
     def log_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
-        if getattr(datamodule, "factors", None) is None:
+        if datamodule.factors is None:
             rank_zero_warn("DisentanglementLogger: the data have no ground-truth factors")
             return
         writer = tensorboard_writer(trainer)
@@ -61,7 +61,7 @@ class DisentanglementLogger(L.Callback):
             return
         start = time.perf_counter()
         results, figures = disentanglement.report(
-            pl_module.model, datamodule, pl_module.device, self.protocol
+            pl_module.model, datamodule, pl_module.device, self.protocol, progress=log.info
         )
         step = trainer.global_step
         self.results = disentanglement.scalars(results)

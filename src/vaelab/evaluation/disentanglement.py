@@ -5,6 +5,7 @@ the beta-VAE and FactorVAE scores, after disentanglement_lib: Locatello et al. 2
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -20,7 +21,7 @@ from vaelab.evaluation.factor_metrics import (
     sap,
 )
 
-DCI_MODELS = ("gbt", "lasso")
+DCI_MODELS = ("gbt", "lgbm", "lasso")
 METRICS = ("mig", "dci", "sap", "beta_vae", "factor_vae")
 
 
@@ -89,9 +90,10 @@ def model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def evaluate(grid_codes: Tensor, factors, protocol: Protocol | None = None) -> dict:
+def evaluate(grid_codes: Tensor, factors, protocol: Protocol | None = None, progress=None) -> dict:
     """Every metric of the protocol from the codes of a full factor grid (`encode_grid`), with
-    `factors` its FactorSpace. Scalars under their names; matrices under `*_matrix`."""
+    `factors` its FactorSpace. Scalars under their names; matrices under `*_matrix`; the seconds
+    each metric took under `seconds`. `progress(line)` hears one line per metric done."""
     protocol = protocol or Protocol()
     generator = torch.Generator().manual_seed(protocol.seed)
     sizes = factors.sizes
@@ -103,60 +105,66 @@ def evaluate(grid_codes: Tensor, factors, protocol: Protocol | None = None) -> d
         indices = factors.sample(n, generator)
         return codes_of(indices), indices
 
-    out: dict = {}
-    if "mig" in protocol.metrics:
-        out.update(mig(*sample(protocol.mig_points), bins=protocol.bins))
-    if "dci" in protocol.metrics:
-        out.update(
-            dci(
-                *sample(protocol.dci_train),
-                *sample(protocol.dci_test),
-                model=protocol.dci_model,
-                seed=protocol.seed,
+    p = protocol
+    runs = {
+        "mig": lambda: mig(*sample(p.mig_points), bins=p.bins),
+        "dci": lambda: dci(
+            *sample(p.dci_train), *sample(p.dci_test), model=p.dci_model, seed=p.seed
+        ),
+        "sap": lambda: sap(*sample(p.sap_train), *sample(p.sap_test)),
+        "beta_vae": lambda: beta_vae_score(
+            codes_of, sizes, p.beta_vae_train, p.beta_vae_eval, p.score_batch, p.seed
+        ),
+        "factor_vae": lambda: factor_vae_score(
+            codes_of,
+            sizes,
+            p.factor_vae_train,
+            p.factor_vae_eval,
+            p.score_batch,
+            p.factor_vae_variance_points,
+            p.seed,
+        ),
+    }
+    todo = [name for name in METRICS if name in protocol.metrics]  # the fixed order: same draws
+    out: dict = {"seconds": {}}
+    start = time.perf_counter()
+    for done, name in enumerate(todo, 1):
+        begin = time.perf_counter()
+        out.update(runs[name]())
+        out["seconds"][name] = round(time.perf_counter() - begin, 3)
+        if progress is not None:
+            left = ", ".join(todo[done:]) or "none"
+            progress(
+                f"disentanglement: {name} in {out['seconds'][name]:.1f} s "
+                f"({time.perf_counter() - start:.1f} s so far; left: {left})"
             )
-        )
-    if "sap" in protocol.metrics:
-        out.update(sap(*sample(protocol.sap_train), *sample(protocol.sap_test)))
-    if "beta_vae" in protocol.metrics:
-        out.update(
-            beta_vae_score(
-                codes_of,
-                sizes,
-                protocol.beta_vae_train,
-                protocol.beta_vae_eval,
-                protocol.score_batch,
-                protocol.seed,
-            )
-        )
-    if "factor_vae" in protocol.metrics:
-        out.update(
-            factor_vae_score(
-                codes_of,
-                sizes,
-                protocol.factor_vae_train,
-                protocol.factor_vae_eval,
-                protocol.score_batch,
-                protocol.factor_vae_variance_points,
-                protocol.seed,
-            )
-        )
     return out
 
 
 def scalars(results: dict, prefix: str = "disentanglement/") -> dict[str, float]:
     """The scalar metrics of `evaluate`, named for logs and metrics.json."""
-    return {f"{prefix}{k}": float(v) for k, v in results.items() if not k.endswith("_matrix")}
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in results.items()
+        if not k.endswith("_matrix") and k != "seconds"
+    }
 
 
 @torch.no_grad()
 def report(
-    model, datamodule, device: torch.device, protocol: Protocol | None = None, images: int = 4
+    model,
+    datamodule,
+    device: torch.device,
+    protocol: Protocol | None = None,
+    images: int = 4,
+    progress=None,
 ) -> tuple[dict, dict]:
     """(results of `evaluate` on the data's factor grid, pictures): `traversals_all` (a PNG grid:
     one row per latent dimension, most variable first, one column per value over the prior's
     central 99.7%, from one image), `traversal_frames` (the frames of an animated GIF: rows
     dimensions, columns `images` grid images) and `factor_mi` (the MI heat map figure). Draws
-    nothing from the caller's random state."""
+    nothing from the caller's random state. `progress(line)`: a line after the grid's encoding
+    and after each metric; `results["seconds"]` holds the seconds of each, `encoding` included."""
     from vaelab.evaluation import pictures
     from vaelab.models.base import prior_quantiles
 
@@ -166,8 +174,17 @@ def report(
     # outside the caller's random state (dynamic binarisation draws when encoding the grid)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
+            begin = time.perf_counter()
             codes = encode_grid(model, datamodule, device)
-            results = evaluate(codes, datamodule.factors, protocol)
+            encoding = round(time.perf_counter() - begin, 3)
+            if progress is not None:
+                left = ", ".join(m for m in METRICS if m in protocol.metrics)
+                progress(
+                    f"disentanglement: grid of {len(codes)} images encoded in {encoding:.1f} s "
+                    f"(left: {left})"
+                )
+            results = evaluate(codes, datamodule.factors, protocol, progress)
+            results["seconds"] = {"encoding": encoding, **results["seconds"]}
             order = torch.argsort(codes.double().var(0), descending=True).tolist()
             generator = torch.Generator().manual_seed(protocol.seed)
             rows = torch.randint(len(codes), (images,), generator=generator)
