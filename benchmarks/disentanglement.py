@@ -96,7 +96,7 @@ def main() -> None:
     source = DSpritesLike()
     factors = source.factors
     reference = Protocol(dci_model="gbt")
-    fast = Protocol()
+    fast = Protocol(dci_model="lgbm")
     print(f"dsprites_like factors {dict(zip(factors.names, factors.sizes, strict=True))}")
     cases = [(kind, reference_codes(factors, kind)) for kind in ("perfect", "rotated", "random")]
     if args.run is not None:

@@ -10,6 +10,13 @@ the straightforward one-image-at-a-time estimator: each image's k codes decoded 
 own draws, so its NLL differs by Monte-Carlo noise only).
 
     python benchmarks/nll_is.py --images 200 --k 5000 --model burda --batch 500
+
+End to end (`--end-to-end --data-dir <data root>`): `evaluate.py` as a user runs it, on a run of
+the model trained for a few steps (here, in a temporary folder) and the first `--images` test
+images of real MNIST: the whole evaluation (building, the test pass, compiling, the IS pass,
+diagnostics, pictures) against the floor of its IS pass, measured right after in this process.
+
+    python benchmarks/nll_is.py --end-to-end --data-dir <data root> --images 2000 --model burda
 """
 
 from __future__ import annotations
@@ -97,6 +104,80 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
+def end_to_end(args) -> None:
+    """evaluate.py's wall time on `args.images` test images against the IS pass's floor."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from vaelab import evaluate
+    from vaelab import train as train_module
+
+    def composed(name: str, overrides: list[str], output_dir: Path):
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            cfg = compose(name, overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(output_dir)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    model = ["experiment=mnist_cpu_budget"] if args.model == "burda" else []
+    with tempfile.TemporaryDirectory() as root:
+        run_dir, out = Path(root) / "run", Path(root) / "evaluation"
+        train = [
+            *model,
+            f"paths.data_dir={args.data_dir}",
+            "trainer.max_epochs=1",
+            "+trainer.limit_train_batches=20",
+            "+trainer.limit_val_batches=2",
+            "trainer.max_time=null",
+            "scheduler=none",
+            "callbacks.progress_bar.refresh_rate=0",
+            "final_evaluation=null",
+        ]
+        train_module.run(composed("train", train, run_dir))
+        settings = [
+            f"run={run_dir}",
+            f"paths.data_dir={args.data_dir}",
+            f"eval.k={args.k}",
+            f"eval.limit={args.images}",
+            f"eval.max_codes={args.max_codes}",
+            "eval.progress_bar=false",
+        ]
+        start = time.perf_counter()
+        evaluate.run(composed("evaluate", settings, out))
+        total = time.perf_counter() - start
+        report = json.loads((out / "metrics.json").read_text())
+        vae = evaluate_model(run_dir, args.data_dir)
+    batch = 500  # data.eval_batch_size of the presets
+    floor = statistics.median(
+        timed(matmul_floor(vae, args.images, batch, args.k, args.max_codes), 3)
+    )
+    passed = report["seconds"]
+    print(
+        f"end to end: evaluate.py on {args.images} test images, k={args.k}: {total:.1f} s "
+        f"(the IS pass {passed:.1f} s); its matrix-product floor {floor:.1f} s; end to end / "
+        f"floor: {total / floor:.2f}x, IS pass / floor: {passed / floor:.2f}x"
+    )
+
+
+def evaluate_model(run_dir, data_dir):
+    """The run's model, as evaluate.py builds it (for the floor's layer sizes)."""
+    from omegaconf import OmegaConf
+
+    from vaelab.build import build_datamodule
+    from vaelab.run import plan
+    from vaelab.run.checkpoints import find_checkpoint, read_saved
+    from vaelab.run.trust import Site
+
+    saved, _ = read_saved(find_checkpoint(run_dir, "best"), [])
+    config = OmegaConf.create(plan.evaluation(saved, Site(run_dir, data_dir)))
+    return build_model(config, build_datamodule(config).image_shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("default", "burda"), default="default")
@@ -106,7 +187,12 @@ def main() -> None:
     parser.add_argument("--max-codes", type=int, default=5000, help="vaelab's eval.max_codes")
     parser.add_argument("--plain-chunk", type=int, default=100, help="samples per plain chunk")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--end-to-end", action="store_true", help="evaluate.py as a whole")
+    parser.add_argument("--data-dir", default=None, help="a folder with MNIST/raw/ (end to end)")
     args = parser.parse_args()
+    if args.end_to_end:
+        end_to_end(args)
+        return
 
     torch.distributions.Distribution.set_default_validate_args(False)
     torch.manual_seed(0)
