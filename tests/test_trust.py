@@ -151,3 +151,4 @@ def test_the_private_names_vaelab_relies_on_exist():
     connector = private_api(L.Trainer(logger=False), "_signal_connector")
     private_api(connector, "_sigterm_notifier_fn")  # vaelab.callbacks.checkpointing
     private_api(torch._inductor, "list_options", "torch")  # vaelab.compiled
+    private_api(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", "torch")  # vaelab.hardware

@@ -22,19 +22,22 @@ from vaelab.evaluation.factor_metrics import (
 )
 
 DCI_MODELS = ("gbt", "lgbm", "lasso")
+GRID_PRECISIONS = ("auto", "32", "bf16")
 METRICS = ("mig", "dci", "sap", "beta_vae", "factor_vae")
 
 
 @dataclass
 class Protocol:
-    """Numbers of points and settings of each metric (disentanglement_lib's defaults)."""
+    """Numbers of points and settings of each metric (disentanglement_lib's defaults; DCI's
+    trees are LightGBM's, checked against scikit-learn's in docs/disentanglement.md), and the
+    precision the grid is encoded in (`encode_grid`)."""
 
     metrics: tuple[str, ...] = METRICS
     mig_points: int = 10000
     bins: int = 20
     dci_train: int = 10000
     dci_test: int = 5000
-    dci_model: str = "gbt"
+    dci_model: str = "lgbm"
     sap_train: int = 10000
     sap_test: int = 5000
     score_batch: int = 64
@@ -44,6 +47,7 @@ class Protocol:
     factor_vae_eval: int = 5000
     factor_vae_variance_points: int = 10000
     seed: int = 0
+    grid_precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.metrics = tuple(self.metrics)
@@ -53,11 +57,16 @@ class Protocol:
                 f"disentanglement metric {name!r} is not one of {', '.join(METRICS)}",
             )
         require(
+            self.grid_precision in GRID_PRECISIONS,
+            f"grid_precision must be one of {', '.join(GRID_PRECISIONS)}, "
+            f"got {self.grid_precision!r}",
+        )
+        require(
             self.dci_model in DCI_MODELS,
             f"dci_model must be one of {', '.join(DCI_MODELS)}, got {self.dci_model!r}",
         )
         for key, value in asdict(self).items():
-            if key not in ("metrics", "dci_model"):
+            if key not in ("metrics", "dci_model", "grid_precision"):
                 require_int(f"disentanglement.{key}", value, 0 if key == "seed" else 1)
 
 
@@ -74,15 +83,49 @@ def protocol_from(settings, owner: str) -> Protocol:
     return Protocol(**settings)
 
 
-@torch.no_grad()
-def encode_grid(model, datamodule, device: torch.device, batch_size: int = 2048) -> Tensor:
+#: Grids of at least this many images are encoded through torch.compile (a few seconds to
+#: compile; dSprites' 737,280 images encode about 1.4x faster: benchmarks/README.md).
+COMPILE_FROM = 100_000
+
+
+def encode_grid(
+    model,
+    datamodule,
+    device: torch.device,
+    batch_size: int = 2048,
+    precision: str = "auto",
+    compile: bool | None = None,
+) -> Tensor:
     """The model's representation (posterior means) of every image of the data's factor grid,
-    (len(grid), D) on the CPU, in grid order."""
+    (len(grid), D) float32 on the CPU, in grid order. `precision`: `32`, `bf16` (autocast) or
+    `auto` (bf16 where it is native: vaelab.hardware.native_bf16; the metrics' values move by
+    about 0.001 with it, docs/disentanglement.md). `compile` (None: for grids of `COMPILE_FROM`
+    images or more): through torch.compile, one shape (the last batch is padded)."""
+    require(
+        precision in GRID_PRECISIONS,
+        f"the grid's precision must be one of {', '.join(GRID_PRECISIONS)}, got {precision!r}",
+    )
+    from vaelab.compiled import Compiled
+    from vaelab.hardware import native_bf16
+
     images = datamodule.factor_grid()
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    bf16 = bf16 and model_dtype(model) == torch.float32
+
+    def encode(x: Tensor) -> Tensor:
+        return model.representation(model.posterior(x))
+
+    if len(images) >= COMPILE_FROM if compile is None else compile:
+        encode = Compiled(encode, "disentanglement grid", {}, "encoding eagerly")
     codes = []
-    for start in range(0, len(images), batch_size):
-        x = datamodule.preprocess(images[start : start + batch_size].to(device))
-        codes.append(model.representation(model.posterior(x.to(model_dtype(model)))).cpu())
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            n = len(chunk)
+            if n < batch_size and len(images) >= batch_size:  # the shape compiled for
+                chunk = torch.cat([chunk, chunk[:1].expand(batch_size - n, *chunk.shape[1:])])
+            x = datamodule.preprocess(chunk.to(device)).to(model_dtype(model))
+            codes.append(encode(x)[:n].float().cpu())
     return torch.cat(codes)
 
 
@@ -175,7 +218,7 @@ def report(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             begin = time.perf_counter()
-            codes = encode_grid(model, datamodule, device)
+            codes = encode_grid(model, datamodule, device, precision=protocol.grid_precision)
             encoding = round(time.perf_counter() - begin, 3)
             if progress is not None:
                 left = ", ".join(m for m in METRICS if m in protocol.metrics)

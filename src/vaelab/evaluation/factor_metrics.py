@@ -10,8 +10,9 @@ discrete factors are known (data=dsprites, dsprites_like), with its default prot
   between every dimension and factor; per factor the gap between the two most informative
   dimensions over the factor's entropy, averaged. `mi_matrix` (normalised by the factors'
   entropies) is what the heat map shows.
-- DCI (Eastwood & Williams 2018): per factor a classifier from the code (gradient-boosted trees,
-  or an L1 logistic regression: `dci_model`) gives the importance R[d, k] of each dimension;
+- DCI (Eastwood & Williams 2018): per factor a classifier from the code (gradient-boosted trees:
+  scikit-learn's, or the same boosting with LightGBM's histogram trees, the default; or an L1
+  logistic regression: `dci_model`) gives the importance R[d, k] of each dimension;
   disentanglement is 1 - the entropy (base K) of each dimension's importances over the factors,
   weighted by the dimension's share of all importance; completeness 1 - the entropy (base D) of
   each factor's importances over the dimensions, averaged; informativeness the classifiers'
@@ -113,7 +114,7 @@ def dci(train_codes, train_factors, test_codes, test_factors, model: str = "gbt"
         classifier = _dci_classifier(model, seed)
         classifier.fit(x_train, y_train[:, k])
         if model in ("gbt", "lgbm"):
-            gains = np.abs(classifier.feature_importances_).astype(float)  # (LightGBM's: totals)
+            gains = np.abs(classifier.feature_importances_).astype(float)
             importance[:, k] = gains / gains.sum() if gains.sum() > 0 else gains
         else:
             importance[:, k] = np.abs(classifier.coef_).sum(0)
@@ -136,24 +137,12 @@ def _dci_classifier(model: str, seed: int):
 
         return GradientBoostingClassifier(random_state=seed)
     if model == "lgbm":
-        # disentanglement_lib's trees (scikit-learn's defaults: 100 rounds, depth 3, learning
-        # rate 0.1, leaves of one example) as histogram-based LightGBM, importances as the
-        # total gain of each dimension's splits (docs/disentanglement.md has the check against
-        # "gbt"); the threads are LightGBM's own
-        from lightgbm import LGBMClassifier
+        # the same boosting (stages, least-squares trees on the log-loss gradient, Newton leaf
+        # steps, total-gain importances), its trees grown by LightGBM's histogram learner:
+        # vaelab.evaluation.boosting; docs/disentanglement.md has the check against "gbt"
+        from vaelab.evaluation.boosting import GradientBoostingClassifier
 
-        return LGBMClassifier(
-            n_estimators=100,
-            learning_rate=0.1,
-            max_depth=3,
-            num_leaves=8,
-            min_child_samples=1,
-            min_child_weight=1e-3,
-            reg_lambda=0.0,
-            importance_type="gain",
-            random_state=seed,
-            verbose=-1,
-        )
+        return GradientBoostingClassifier(seed=seed)
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
