@@ -5,6 +5,7 @@ disentangle_beta preset end to end."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 
@@ -273,6 +274,10 @@ def test_boosting_is_scikit_learns_with_histogram_splits():
         new = Histogram(max_bin=4095).fit(x, y)
         np.testing.assert_allclose(new.feature_importances_, ref.feature_importances_, atol=0.005)
         assert (new.predict(x) == ref.predict(x)).mean() > 0.99
+        constant = np.zeros_like(x)  # nothing to split on: no importance, the majority class
+        flat, flat_ref = Histogram().fit(constant, y), GradientBoostingClassifier().fit(constant, y)
+        assert flat.feature_importances_.sum() == 0 == flat_ref.feature_importances_.sum()
+        assert (flat.predict(constant) == flat_ref.predict(constant)).all()
 
 
 class LinearCodes(torch.nn.Module):
@@ -553,7 +558,7 @@ def factor_overrides(data_dir, tmp_path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["elbo", "beta_tcvae", "factorvae"])
-def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective, tmp_path):
+def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective, tmp_path, caplog):
     data_dir = tmp_path / "data"
     run_dir = tmp_path / "run"
     extra = [f"objective={objective}"]
@@ -589,10 +594,18 @@ def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective,
         ],
         output_dir=tmp_path / "evaluation",
     )
-    evaluate.run(eval_cfg)
+    with caplog.at_level(logging.INFO, logger="vaelab.evaluate"):
+        evaluate.run(eval_cfg)
     out = tmp_path / "evaluation"
     report = json.loads((out / "metrics.json").read_text())
     assert 0 <= report["metrics"]["disentanglement/mig"] <= 1
+    seconds = report["disentanglement"]["seconds_per_metric"]
+    assert list(seconds) == ["encoding", "mig", "dci", "sap", "beta_vae", "factor_vae"]
+    assert all(value >= 0 for value in seconds.values())
+    lines = [r.getMessage() for r in caplog.records if "disentanglement:" in r.getMessage()]
+    assert lines[0] == "disentanglement: encoding the grid of 864 images"
+    assert lines[-1].startswith("disentanglement: factor_vae in ")
+    assert lines[-1].endswith("left: none)") and "left: sap, beta_vae, factor_vae" in lines[3]
     assert report["disentanglement"]["grid_images"] == 3 * 2 * 4 * 6 * 6
     assert len(report["disentanglement"]["mi_matrix"]) == 4  # latent dims x factors
     for name in ("traversals.gif", "traversals_all.png", "factor_mi.png", "latent_pca.png"):

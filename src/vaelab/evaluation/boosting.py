@@ -65,6 +65,10 @@ class GradientBoostingClassifier:
             "deterministic": True,
             "verbosity": -1,
         }
+        self.booster_ = None
+        if not (x.max(0) > x.min(0)).any():  # nothing to split on: the prior, no importance
+            self.feature_importances_ = np.zeros(x.shape[1])
+            return self
         binning = {"max_bin": self.max_bin, "min_data_in_bin": 1, "feature_pre_filter": False}
         data = lightgbm.Dataset(x, free_raw_data=False, params=binning)
         booster = lightgbm.Booster(params, data)
@@ -97,6 +101,13 @@ class GradientBoostingClassifier:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.booster_ is None:  # constant inputs: the most frequent class
+            return np.full(
+                len(x),
+                self.classes_[np.argmax(self.init_)]
+                if len(self.init_) > 1
+                else self.classes_[int(self.init_[0] > 0)],
+            )
         raw = self.booster_.predict(x, raw_score=True).reshape(len(x), -1) + self.init_
         if raw.shape[1] == 1:
             return self.classes_[(raw[:, 0] > 0).astype(int)]

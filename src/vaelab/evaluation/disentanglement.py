@@ -217,6 +217,8 @@ def report(
     # outside the caller's random state (dynamic binarisation draws when encoding the grid)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
+            if progress is not None:
+                progress(f"disentanglement: encoding the grid of {len(datamodule.factors)} images")
             begin = time.perf_counter()
             codes = encode_grid(model, datamodule, device, precision=protocol.grid_precision)
             encoding = round(time.perf_counter() - begin, 3)
