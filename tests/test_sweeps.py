@@ -5,6 +5,7 @@ sweep with a failing run."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,30 @@ def test_sweep_run_names_are_the_swept_keys_unique_and_safe():
     assert sweep_run_name(4, job, None).startswith("4_max_epochs=1,latent_dim=2")  # no record
     long = sweep_run_name(5, [f"k{i}.value=" + "x" * 30 for i in range(20)], None)
     assert len(long) <= 204 and long.endswith(",...")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "logs/train/runs/2026-12-06_10-00-00_a1b2c3",
+        "logs/train/multiruns/x/3_latent_dim=8,beta=1",
+        "my runs/0_root=-a b,c",
+        'odd/it\'s \\ a "run"',
+        "trailing\\",
+        'a\\"b,c',
+    ],
+)
+def test_printed_commands_read_back_the_same_path(path):
+    """What vaelab prints after `run=` / `resume=` goes through the shell and Hydra's override
+    grammar to the same path (a sweep's run dir is named with '=' and ',')."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from vaelab import commands
+
+    (word,) = shlex.split(commands.override("run", path))
+    (parsed,) = OverridesParser.create().parse_overrides([word])
+    assert parsed.key_or_group == "run" and parsed.value() == path
+    assert shlex.split(commands.path(path)) == [path]
 
 
 def test_grid_sweep_lands_in_tensorboard_hparams(data_dir, tmp_path):

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from helpers.runs import (
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from vaelab import commands
 from vaelab import train as train_module
 
 pytestmark = pytest.mark.slow
@@ -300,6 +302,17 @@ def test_evaluate_sweep_reports_every_run(data_dir, tmp_path):
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert len(runs) == 4 and all((sweep_dir / r / "tensorboard").is_dir() for r in runs)
     assert runs[0] == "0_latent_dim=2,beta=0.5"  # named by the swept keys
+    # a sweep's run resumes in its own dir, by the command vaelab prints for it (its name has
+    # '=' and ',', which Hydra reads as syntax unless quoted)
+    resume = shlex.split(commands.override("resume", sweep_dir / runs[0]))
+    resumed = run_script(
+        "train.py", [*resume, "trainer.max_epochs=2", f"paths.data_dir={data_dir}"], cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(sweep_dir / runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == runs
+    assert not (log_dir / "train" / "runs").exists()
     # A run that died before its first checkpoint is reported, not dropped.
     broken = sweep_dir / "4_model.latent_dim=8"
     shutil.copytree(sweep_dir / runs[0] / ".hydra", broken / ".hydra")

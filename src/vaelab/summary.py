@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 
+from vaelab import commands
 from vaelab.callbacks.checkpointing import LastCheckpoint
 from vaelab.callbacks.reporting import MetricsHistory
 
@@ -166,8 +167,8 @@ def format_run_summary(summary: dict[str, Any]) -> str:
     for kind in ("best", "last"):
         if kind in checkpoints:
             lines.append(f"Checkpoint ({kind}): {checkpoints[kind]}")
-    lines += [f"Run dir: {run_dir}", f"Next: tensorboard --logdir {run_dir}"]
+    lines += [f"Run dir: {run_dir}", f"Next: tensorboard --logdir {commands.path(run_dir)}"]
     if summary.get("interrupted"):
-        lines.append(f"      python train.py resume={run_dir}")
-    lines.append(f"      python evaluate.py run={run_dir}")
+        lines.append(f"      python train.py {commands.override('resume', run_dir)}")
+    lines.append(f"      python evaluate.py {commands.override('run', run_dir)}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vaelab import commands
 from vaelab.evaluation.sweep import FAILURES_FILE, read_failures, run_dirs
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def format_sweep_summary(sweep_dir: Path) -> str:
     if best_name:
         lines.append("   (* the best run on its monitored metric)")
     lines += [
-        f"Next: tensorboard --logdir {sweep_dir}",
-        f"      python evaluate.py run={sweep_dir}",
+        f"Next: tensorboard --logdir {commands.path(sweep_dir)}",
+        f"      python evaluate.py {commands.override('run', sweep_dir)}",
     ]
     return "\n".join(lines)
 

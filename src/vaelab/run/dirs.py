@@ -22,6 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
+from vaelab import commands
 from vaelab.errors import CheckpointError
 from vaelab.run.checkpoints import PARTIAL
 
@@ -54,7 +55,7 @@ def refuse_used(run_dir: Path) -> None:
     if used:
         raise CheckpointError(
             f"run dir {run_dir} already holds a run ({used[0]}); continue it with "
-            f"resume={run_dir}, or start the new run in a new dir"
+            f"{commands.override('resume', run_dir)}, or start the new run in a new dir"
         )
 
 
