@@ -556,6 +556,24 @@ def factor_overrides(data_dir, tmp_path) -> list[str]:
     ]
 
 
+def grid_codes(run_dir, data_dir):
+    """A trained run's codes of its data's whole factor grid, and the factors."""
+    from omegaconf import OmegaConf
+
+    from vaelab.build import build_module
+    from vaelab.run import plan
+    from vaelab.run.checkpoints import find_checkpoint, read_saved
+    from vaelab.run.trust import Site
+
+    saved, checkpoint = read_saved(find_checkpoint(run_dir, "last"), [])
+    config = OmegaConf.create(plan.evaluation(saved, Site(run_dir, data_dir)))
+    datamodule = build_datamodule(config)
+    module = build_module(config, datamodule)
+    module.load_state_dict(checkpoint["state_dict"])
+    codes = metrics.encode_grid(module.model.eval(), datamodule, torch.device("cpu"))
+    return codes, datamodule.factors
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["elbo", "beta_tcvae", "factorvae"])
 def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective, tmp_path, caplog):
@@ -610,6 +628,15 @@ def test_disentangle_preset_trains_logs_metrics_evaluates_and_resumes(objective,
     assert len(report["disentanglement"]["mi_matrix"]) == 4  # latent dims x factors
     for name in ("traversals.gif", "traversals_all.png", "factor_mi.png", "latent_pca.png"):
         assert (out / name).is_file(), name
+    if objective == "beta_tcvae":  # DCI's default trees on a trained model's codes
+        codes, factors = grid_codes(run_dir, data_dir)
+        g = torch.Generator().manual_seed(0)
+        train, test = factors.sample(600, g), factors.sample(300, g)
+        x_train, x_test = codes[factors.index(train)], codes[factors.index(test)]
+        ref = metrics.dci(x_train, train, x_test, test, model="gbt")
+        new = metrics.dci(x_train, train, x_test, test, model="lgbm")
+        for name in ("dci_disentanglement", "dci_completeness", "dci_informativeness"):
+            assert new[name] == pytest.approx(ref[name], abs=0.02), name
     # last.ckpt holds the weights the callback scored when training ended: the same figures
     assert report["global_step"] == 12
     assert report["metrics"]["disentanglement/mig"] == pytest.approx(logged, abs=1e-6)
