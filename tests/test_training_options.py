@@ -231,3 +231,29 @@ def test_the_failing_nvml_check_is_off_for_the_fit_only(monkeypatch):
     assert os.environ[NVML_CHECK] == "1"
     callback.on_fit_end(None, None)
     assert os.environ[NVML_CHECK] == "1"
+
+
+def test_the_precision_follows_the_cpus_bfloat16():
+    """bf16-auto: bf16-mixed where bfloat16 is native, else 32-true with one line; bf16 asked
+    for on a CPU without it is kept, with the warning; anything else untouched."""
+    from vaelab.hardware import trainer_precision
+
+    assert trainer_precision("bf16-auto", True, "cpu") == ("bf16-mixed", "")
+    precision, line = trainer_precision("bf16-auto", False, "cpu")
+    assert precision == "32-true" and "this CPU has no native bfloat16" in line
+    precision, line = trainer_precision("bf16-mixed", False, "cpu")
+    assert precision == "bf16-mixed" and "emulated" in line and "bf16-auto or 32-true" in line
+    assert trainer_precision("bf16-mixed", True, "cpu") == ("bf16-mixed", "")
+    assert trainer_precision("bf16-mixed", False, "cuda") == ("bf16-mixed", "")
+    assert trainer_precision("32-true", False, "cpu") == ("32-true", "")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_auto_trainer_on_either_cpu(native, data_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("vaelab.hardware.native_bf16", lambda device: native)
+    cfg = compose_train([*tiny(data_dir), "trainer.precision=bf16-auto"], output_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vaelab.build"):
+        trainer = build_trainer(cfg, logger=False)
+    assert trainer.precision == ("bf16-mixed" if native else "32-true")
+    warned = [r for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)

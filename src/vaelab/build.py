@@ -8,6 +8,7 @@ its own sizes; the likelihood must accept the data's pixel model.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab import hardware
 from vaelab.data import ImageDataModule
 from vaelab.errors import (
     ConfigError,
@@ -34,6 +36,8 @@ from vaelab.errors import (
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
 from vaelab.run.trust import OBJECTIVE_META
+
+log = logging.getLogger(__name__)
 
 INF = math.inf
 #: Optimizer and scheduler settings, wherever they appear, and the range in which a run trains
@@ -143,6 +147,17 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """instantiate(cfg.trainer); what Lightning refuses (precision=17, devices=0, an accelerator
     this machine lacks) is one line: Lightning's own message, which names the value."""
     check_trainer(cfg.trainer)
+    device = hardware.training_device(cfg.trainer.get("accelerator", "auto"))
+    requested = cfg.trainer.get("precision", "32-true")
+    if device is not None:
+        precision, line = hardware.trainer_precision(
+            requested, hardware.native_bf16(device), device.type
+        )
+        if line:
+            log.warning(line)
+        kwargs.setdefault("precision", precision)
+    elif requested == hardware.BF16_AUTO:
+        kwargs.setdefault("precision", "bf16-mixed")
     if cfg.trainer.get("profiler") is None and "profiler" not in kwargs:
         kwargs["profiler"] = NoProfiler()
     try:
