@@ -147,17 +147,16 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """instantiate(cfg.trainer); what Lightning refuses (precision=17, devices=0, an accelerator
     this machine lacks) is one line: Lightning's own message, which names the value."""
     check_trainer(cfg.trainer)
-    device = hardware.training_device(cfg.trainer.get("accelerator", "auto"))
-    requested = cfg.trainer.get("precision", "32-true")
-    if device is not None:
-        precision, line = hardware.trainer_precision(
-            requested, hardware.native_bf16(device), device.type
-        )
-        if line:
-            log.warning(line)
-        kwargs.setdefault("precision", precision)
-    elif requested == hardware.BF16_AUTO:
-        kwargs.setdefault("precision", "bf16-mixed")
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    device = hardware.training_device(accelerator)
+    # another accelerator (TPU, MPS): Lightning's precision plugin for it decides what bf16 is
+    native = device is None or hardware.native_bf16(device)
+    precision, line = hardware.trainer_precision(
+        cfg.trainer.get("precision", "32-true"), native, str(device.type if device else accelerator)
+    )
+    if line:
+        log.warning(line)
+    kwargs.setdefault("precision", precision)
     if cfg.trainer.get("profiler") is None and "profiler" not in kwargs:
         kwargs["profiler"] = NoProfiler()
     try:

@@ -113,9 +113,8 @@ def dci(train_codes, train_factors, test_codes, test_factors, model: str = "gbt"
             continue
         classifier = _dci_classifier(model, seed)
         classifier.fit(x_train, y_train[:, k])
-        if model in ("gbt", "lgbm"):
-            gains = np.abs(classifier.feature_importances_).astype(float)
-            importance[:, k] = gains / gains.sum() if gains.sum() > 0 else gains
+        if model in ("gbt", "lgbm"):  # each sums to 1 (0 where no split was made)
+            importance[:, k] = np.abs(classifier.feature_importances_)
         else:
             importance[:, k] = np.abs(classifier.coef_).sum(0)
         accuracy.append(float((classifier.predict(x_test) == y_test[:, k]).mean()))
