@@ -40,6 +40,7 @@ from vaelab.likelihoods import (
     bounded,
 )
 from vaelab.models import VAE
+from vaelab.models.vae import bound_log_var
 from vaelab.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from vaelab.objectives import ELBO, IWAE
 from vaelab.priors import StandardNormal
@@ -316,15 +317,15 @@ def test_bounded_is_monotone_with_nonzero_gradient(low, high):
 
 def test_posterior_is_diagonal_gaussian_with_bounded_log_var():
     mean, log_var = random_posterior_params(4, 3, seed=0)
-    log_var[0, 0] = 50.0  # runaway encoder output: clamped below VAE.max_log_var
-    log_var[1, 1] = -1e4  # collapsing variance: floored above VAE.min_log_var
+    log_var[0, 0] = 50.0  # runaway encoder output: clamped below VAE.log_var_bounds[1]
+    log_var[1, 1] = -1e4  # collapsing variance: floored above VAE.log_var_bounds[0]
     q = constant_vae(mean, log_var).posterior(torch.zeros(4, 1, 2, 2, dtype=torch.float64))
     assert q.batch_shape == (4,) and q.event_shape == (3,)
     torch.testing.assert_close(q.mean, mean)
-    expected_var = VAE.bound_log_var(log_var).exp()
+    expected_var = bound_log_var(log_var).exp()
     torch.testing.assert_close(q.variance, expected_var)
-    assert q.variance[0, 0] <= math.exp(VAE.max_log_var)
-    assert q.variance[1, 1] >= math.exp(VAE.min_log_var)
+    assert q.variance[0, 0] <= math.exp(VAE.log_var_bounds[1])
+    assert q.variance[1, 1] >= math.exp(VAE.log_var_bounds[0])
 
 
 def test_kl_matches_textbook_formula():
@@ -333,7 +334,7 @@ def test_kl_matches_textbook_formula():
     x = torch.zeros(6, 1, 2, 2, dtype=torch.float64)
     kl = kl_divergence(vae.posterior(x), vae.prior())
     assert kl.shape == (6,)
-    var = VAE.bound_log_var(log_var).exp()
+    var = bound_log_var(log_var).exp()
     expected = 0.5 * (mean**2 + var - 1 - var.log()).sum(-1)
     torch.testing.assert_close(kl, expected, rtol=1e-10, atol=1e-10)
 
@@ -469,7 +470,7 @@ def test_elbo_equals_log_marginal_at_the_exact_posterior():
     m_diag = scales**2 + SIGMA**2
     enc_weight = torch.cat([weight.T / m_diag[:, None], torch.zeros(LATENT, D).double()])
     enc_bias = torch.cat([-(weight.T @ bias) / m_diag, torch.log(SIGMA**2 / m_diag)])
-    assert (enc_bias[LATENT:] > VAE.min_log_var + 8).all()  # bounded() is ~identity here
+    assert (enc_bias[LATENT:] > VAE.log_var_bounds[0] + 8).all()  # bounded() is ~identity here
     vae = linear_vae(LinearEncoder(enc_weight, enc_bias), weight, bias)
     x = linear_data(weight, bias)
 

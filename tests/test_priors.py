@@ -18,6 +18,7 @@ from vaelab import train as train_module
 from vaelab.errors import ConfigError
 from vaelab.models import rate, rate_per_dim
 from vaelab.models.base import NO_CLOSED_FORM, kind, prior_quantiles
+from vaelab.models.vae import bound_log_var
 from vaelab.objectives import ELBO, IWAE
 from vaelab.priors import (
     DiagonalGaussianMixture,
@@ -59,7 +60,7 @@ def test_vampprior_is_the_mean_of_the_pseudo_input_posteriors():
     z = torch.randn(4, 3, dtype=torch.float64)
     clamped = pseudo.clamp(0, 1)
     mean, log_var = model.encoder(clamped).chunk(2, -1)  # (K, D) each
-    scale = (0.5 * model.bound_log_var(log_var)).exp()
+    scale = (0.5 * bound_log_var(log_var, model.log_var_bounds, model.log_var_clamp)).exp()
     per_component = normal_log_pdf(z[:, None, :], mean, scale)  # (4, K)
     expected = torch.logsumexp(per_component, -1) - math.log(500)
     torch.testing.assert_close(model.prior().log_prob(z), expected, rtol=1e-10, atol=1e-10)

@@ -96,6 +96,14 @@ class VAEModule(L.LightningModule):
         if stage == "fit" and self.trainer.datamodule is not None:
             self.objective.setup(self.trainer.datamodule.train_size)
 
+    def on_fit_start(self) -> None:
+        """A fresh run (no checkpoint restored, Lightning restores before this hook) fits the
+        model's data-dependent initialisation to the training split (`model.output_bias`)."""
+        datamodule = self.trainer.datamodule
+        fresh = self.trainer.ckpt_path is None and self.global_step == 0
+        if fresh and datamodule is not None and self.model.output_bias != "none":
+            self.model.fit_to_data(datamodule.pixel_means().to(self.device))
+
     def configure_optimizers(self) -> Any:
         # An objective with modules of its own (FactorVAE's discriminator) adds them as
         # parameter groups with its own settings.

@@ -155,7 +155,7 @@ def approximate_posterior_vae(shift: float = 0.5, variance_factor: float = 2.0):
     m_diag = scales**2 + SIGMA**2
     enc_weight = torch.cat([weight.T / m_diag[:, None], torch.zeros(LATENT, D).double()])
     log_var = torch.log(variance_factor * SIGMA**2 / m_diag)
-    low = VAE.min_log_var  # the encoder's output goes through the soft floor: invert it
+    low = VAE.log_var_bounds[0]  # the encoder's output goes through the soft floor: invert it
     enc_bias = torch.cat(
         [-(weight.T @ bias) / m_diag + shift, low + torch.log(torch.expm1(log_var - low))]
     )
@@ -186,7 +186,7 @@ def set_gaussian_layer(layer: nn.Module, weight: Tensor, bias: Tensor, log_var: 
     log-variance (through the log-variance soft floor, inverted here)."""
     (linear,) = layer.net
     d_out, d_in = weight.shape
-    low = VAE.min_log_var
+    low = VAE.log_var_bounds[0]
     with torch.no_grad():
         linear.weight.copy_(torch.cat([weight, torch.zeros(d_out, d_in, dtype=weight.dtype)]))
         linear.bias.copy_(torch.cat([bias, low + torch.log(torch.expm1(log_var - low))]))
@@ -218,7 +218,7 @@ def linear_chain(shift: float = 0.0, variance_factor: float = 1.0):
     post_var = 1 / (1 / prior_var_z1 + scales**2 / SIGMA**2)
     enc_weight = post_var[:, None] * weight.T / SIGMA**2
     enc_mean_bias = post_var * (CHAIN_OFFSET / prior_var_z1 - weight.T @ bias / SIGMA**2)
-    low = VAE.min_log_var
+    low = VAE.log_var_bounds[0]
     log_var = torch.log(variance_factor * post_var)
     encoder = model.encoder.linear
     with torch.no_grad():
@@ -295,7 +295,7 @@ def linear_cvae(shift: float = 0.0):
     head_weight[:LATENT, :D] = mean_weight
     head_weight[:LATENT, D:] = -mean_weight @ label_weight
     log_var = torch.log(SIGMA**2 / m_diag)
-    low = VAE.min_log_var
+    low = VAE.log_var_bounds[0]
     head_bias = torch.cat(
         [-mean_weight @ bias + shift, low + torch.log(torch.expm1(log_var - low))]
     )

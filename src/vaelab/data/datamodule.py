@@ -52,6 +52,11 @@ BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
 
 
+def split_dtype(split: torch.utils.data.Dataset) -> torch.dtype:
+    """The stored pixels' dtype of a split (bool once binarised, else uint8)."""
+    return split.images.dtype if isinstance(split, InMemoryImages) else split[0][0].dtype
+
+
 class ImageDataModule(L.LightningDataModule):
     """Any image dataset: `source` reads it, this class serves it (see the module docstring)."""
 
@@ -168,6 +173,28 @@ class ImageDataModule(L.LightningDataModule):
         """A factor source's every image in grid order (uint8; `preprocess` makes inputs)."""
         require(self.factors is not None, f"{self.name} has no ground-truth factors")
         return self.source.grid_images(self.data_dir)
+
+    @torch.no_grad()
+    def pixel_means(self) -> Tensor:
+        """The mean of each pixel value over the training split (after setup), (C, H, W) on
+        the model inputs' [0, 1] scale: for binarised pixels the probability of a 1 (the grey
+        level itself under dynamic binarisation), for dequantised ones E[(k + u) / 256]. One
+        pass over the split (in chunks; read image by image with in_memory=false)."""
+        split = self.splits.get("train") or self.per_sample.get("train")
+        require(split is not None, f"{self.name}: the training split is not set up")
+        if isinstance(split, InMemoryImages):
+            chunks = split.images.split(4096)
+        else:
+            chunks = (split[i][0][None] for i in range(len(split)))
+        total = torch.zeros(self.image_shape, dtype=torch.float64)
+        for chunk in chunks:
+            total += chunk.to(torch.float64).sum(0)
+        mean = total / len(split)  # bool -> 0/1, uint8 -> k
+        if split_dtype(split) == torch.bool:
+            return mean.float()
+        if self.binarize == "none" and self.dequantize:
+            return ((mean + 0.5) / 256).float()
+        return (mean / 255).float()
 
     @property
     def pixel_model(self) -> str:

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from vaelab.errors import ConfigError
+
 IMAGE_EVENT_DIMS = 3  # (C, H, W) form one event
 #: What the data side supplies (the DataModule's `pixel_model`): binary pixels in {0, 1};
 #: 8-bit values dequantised to (k + u) / 256, u ~ U(0, 1); 8-bit values k / 255 as they are.
@@ -37,6 +39,14 @@ class Likelihood:
 
     def __call__(self, params: Tensor) -> Distribution:  # (N, out_channels, H, W) -> (C, H, W)
         raise NotImplementedError
+
+    def output_bias(self, pixel_means: Tensor) -> Tensor:
+        """The decoder output (out_channels, H, W) whose distribution has the pixels' means
+        (C, H, W) in [0, 1] (`model.output_bias=data_mean`)."""
+        raise ConfigError(
+            f"model.output_bias=data_mean: {self!r} has no parameters set from pixel means; "
+            "use it with likelihood=bernoulli, gaussian or gaussian_fixed"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -12,6 +12,9 @@ from torch.distributions import Distribution, Independent, Normal
 from vaelab.errors import require
 from vaelab.likelihoods.base import IMAGE_EVENT_DIMS, Likelihood, at_least_float32, bounded
 
+#: The clip of the pixel means whose logits start a Bernoulli decoder's output bias.
+MEAN_CLIP = 0.001
+
 
 class Bernoulli(Likelihood):
     """A probability mass on {0, 1} per pixel: binary data only, its -log p(x) / (D ln 2) is
@@ -24,6 +27,11 @@ class Bernoulli(Likelihood):
 
     def __call__(self, params: Tensor) -> Distribution:
         return BernoulliImages(params)
+
+    def output_bias(self, pixel_means: Tensor) -> Tensor:
+        """logit(m), m clipped to [0.001, 0.999] as in Burda et al. (2015)'s code (a pixel
+        that is always black would otherwise start at an infinite logit)."""
+        return torch.logit(pixel_means.clamp(MEAN_CLIP, 1 - MEAN_CLIP))
 
 
 #: Pixels whose factors 1 + exp(-|logit|) (each in (1, 2]) are multiplied before one log is taken
@@ -120,6 +128,10 @@ class Gaussian(Likelihood):
         log_var = bounded(log_var, self.min_log_var, self.max_log_var)
         return Independent(Normal(mean, torch.exp(0.5 * log_var)), IMAGE_EVENT_DIMS)
 
+    def output_bias(self, pixel_means: Tensor) -> Tensor:
+        """The means, and log-variance 0 (the decoder's default output there)."""
+        return torch.cat([pixel_means, torch.zeros_like(pixel_means)], dim=-3)
+
     def __repr__(self) -> str:
         return f"Gaussian(min_log_var={self.min_log_var}, max_log_var={self.max_log_var})"
 
@@ -134,6 +146,9 @@ class GaussianFixed(Likelihood):
 
     def __call__(self, params: Tensor) -> Distribution:
         return Independent(Normal(params, self.sigma), IMAGE_EVENT_DIMS)
+
+    def output_bias(self, pixel_means: Tensor) -> Tensor:
+        return pixel_means.clone()
 
     def __repr__(self) -> str:
         return f"GaussianFixed(sigma={self.sigma})"

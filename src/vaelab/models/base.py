@@ -31,7 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from vaelab.errors import ConfigError
+from vaelab.errors import ConfigError, require
+
+#: `model.output_bias` values (`LatentVariableModel.use_output_bias`).
+OUTPUT_BIASES = ("none", "data_mean")
 
 #: Kinds of (posterior, prior) pairs whose KL torch's registry (`register_kl`) does not have:
 #: found on the first call, so later calls (and compiled graphs) go straight to the estimate.
@@ -159,8 +162,37 @@ class LatentVariableModel(ModelTerms, nn.Module):
     #: objective that trains codes (objective=vq) needs.
     vector_quantised: bool = False
 
+    #: `model.output_bias`: `none`, or `data_mean`, the decoder's output bias starting at the
+    #: likelihood's parameters for the training pixels' means (Burda et al. 2015's code sets the
+    #: Bernoulli decoder's to the logits of the means), set by `fit_to_data`.
+    output_bias: str = "none"
+
     def check_objective(self, objective) -> None:
         """Refuse, with one line, an objective this model cannot be trained with."""
+
+    def use_output_bias(self, output_bias: str) -> None:
+        """Check `model.output_bias` against the model's decoder and likelihood, and keep it."""
+        require(
+            output_bias in OUTPUT_BIASES,
+            f"model.output_bias must be one of {', '.join(OUTPUT_BIASES)}, got {output_bias!r}",
+        )
+        if output_bias == "data_mean":
+            decoder = getattr(self, "decoder", None)
+            require(
+                hasattr(decoder, "set_output_bias"),
+                f"model.output_bias=data_mean needs a decoder with one output bias per pixel "
+                f"value (vaelab.nets.MLPDecoder), got {type(decoder).__name__}",
+            )
+            self.likelihood.output_bias(torch.full(self.image_shape, 0.5))  # refuses if it can't
+        self.output_bias = output_bias
+
+    @torch.no_grad()
+    def fit_to_data(self, pixel_means: Tensor) -> None:
+        """Data-dependent initialisation, once, before the first step of a fresh run (not on
+        resume): with `output_bias=data_mean`, the decoder's output bias from the training
+        pixels' means (C, H, W) in [0, 1]."""
+        if self.output_bias == "data_mean":
+            self.decoder.set_output_bias(self.likelihood.output_bias(pixel_means))
 
     def given(self, labels: Tensor | None) -> ModelTerms:
         """The model given the examples' labels (B,): itself, for a model without labels."""

@@ -27,8 +27,9 @@ from torch.func import functional_call
 from vaelab.errors import ConfigError, require
 from vaelab.likelihoods import Likelihood, at_least_float32
 from vaelab.models.base import LatentVariableModel, stopped
-from vaelab.models.vae import VAE, DecoderFactory, EncoderFactory, PriorFactory
+from vaelab.models.vae import DecoderFactory, EncoderFactory, PriorFactory, gaussian
 from vaelab.nets.encoders import Activation, check_activation, check_sizes, mlp
+from vaelab.nets.init import initialise
 
 EMPTY = torch.Size()
 
@@ -54,9 +55,6 @@ class GaussianLayer(nn.Module):
         """The same map with the parameters cut from the graph (the inputs keep theirs)."""
         params = {name: p.detach() for name, p in self.net.named_parameters()}
         return lambda z: gaussian(functional_call(self.net, params, (z,)))
-
-
-gaussian = VAE.gaussian
 
 
 class ChainPosterior(Distribution):
@@ -156,7 +154,12 @@ class HierarchicalVAE(LatentVariableModel):
         latent_dims: Sequence[int] = (100, 50),
         hidden_dims: Sequence[int] = (100, 100),
         activation: Activation = nn.Tanh,
+        init: str = "default",
+        init_bias: str = "zero",
+        output_bias: str = "none",
     ) -> None:
+        """`init`, `init_bias`, `output_bias`: as for the VAE (vaelab.models.VAE), the init
+        applied to every network of both chains."""
         super().__init__()
         latent_dims = check_sizes("model.latent_dims", latent_dims)
         require(
@@ -178,6 +181,9 @@ class HierarchicalVAE(LatentVariableModel):
         pairs = list(zip(latent_dims[:-1], latent_dims[1:], strict=True))
         self.up = nn.ModuleList(GaussianLayer(a, b, hidden_dims, activation) for a, b in pairs)
         self.down = nn.ModuleList(GaussianLayer(b, a, hidden_dims, activation) for a, b in pairs)
+        for net in (self.encoder, self.decoder, self.up, self.down):
+            initialise(net, init, init_bias)
+        self.use_output_bias(output_bias)
         self.top_prior = prior(latent_dim=latent_dims[-1], image_shape=self.image_shape)
         if self.top_prior.encodes_inputs:
             raise ConfigError(

@@ -10,19 +10,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import prod
 
+import torch
 from torch import Tensor, nn
 
 from vaelab.nets.encoders import (
     Activation,
     check_activation,
     check_conv_shape,
+    check_gated,
     check_sizes,
     mlp,
 )
 
 
 class MLPDecoder(nn.Module):
-    """Mirror of MLPEncoder: Linear layers of reversed `hidden_dims`, reshaped to out_shape."""
+    """Mirror of MLPEncoder: layers of reversed `hidden_dims` (gated ones with `gated`), then
+    Linear to every output value, reshaped to out_shape."""
 
     def __init__(
         self,
@@ -30,15 +33,23 @@ class MLPDecoder(nn.Module):
         out_shape: Sequence[int],
         hidden_dims: Sequence[int] = (512, 256),
         activation: Activation = nn.ReLU,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         check_activation(type(self).__name__, activation)
         hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
+        gated = check_gated(type(self).__name__, gated)
         self.out_shape = tuple(out_shape)
-        self.net = mlp([latent_dim, *reversed(hidden_dims), prod(out_shape)], activation)
+        self.net = mlp([latent_dim, *reversed(hidden_dims), prod(out_shape)], activation, gated)
 
     def forward(self, z: Tensor) -> Tensor:  # (N, latent_dim) -> (N, P*C, H, W)
         return self.net(z).view(-1, *self.out_shape)
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: Tensor) -> None:
+        """Start the output layer's bias at `bias` (out_shape): one bias per output value, so
+        an all-zero hidden state decodes to exactly those parameters."""
+        self.net[-1].bias.copy_(bias.reshape(-1).to(self.net[-1].bias))
 
 
 class ConvDecoder(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from math import prod
 
+import torch
 from torch import Tensor, nn
 
 from vaelab.errors import require
@@ -24,14 +25,36 @@ def check_activation(owner: str, activation: object) -> None:
     )
 
 
-def mlp(sizes: Sequence[int], activation: Activation) -> nn.Sequential:
-    """Linear layers of the given sizes with an activation between (none after the last)."""
+class GatedDense(nn.Module):
+    """h(x) * sigmoid(g(x)) with two affine maps h and g (Dauphin et al. 2017), the hidden layer
+    of the VampPrior paper's networks (Tomczak & Welling 2018, `GatedDense` in its code): the
+    gate lets each unit be switched off per input, with no other nonlinearity needed."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.h = nn.Linear(n_in, n_out)
+        self.g = nn.Linear(n_in, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def mlp(sizes: Sequence[int], activation: Activation, gated: bool = False) -> nn.Sequential:
+    """Layers of the given sizes with an activation between (none after the last); the hidden
+    ones Linear, or `GatedDense` when `gated` (the activation, e.g. torch.nn.Identity, follows
+    the gate), the output layer always Linear."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
+        hidden = i < len(sizes) - 2
+        layers.append(GatedDense(n_in, n_out) if hidden and gated else nn.Linear(n_in, n_out))
+        if hidden:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+def check_gated(owner: str, gated: object) -> bool:
+    require(isinstance(gated, bool), f"{owner} gated must be true or false, got {gated!r}")
+    return gated
 
 
 def check_sizes(name: str, sizes: Sequence[int]) -> list[int]:
@@ -44,7 +67,8 @@ def check_sizes(name: str, sizes: Sequence[int]) -> list[int]:
 
 
 class MLPEncoder(nn.Module):
-    """Flatten, then Linear-activation layers of `hidden_dims`, then Linear to `out_dim`."""
+    """Flatten, then Linear-activation layers of `hidden_dims` (gated ones with `gated`), then
+    Linear to `out_dim`."""
 
     def __init__(
         self,
@@ -52,12 +76,14 @@ class MLPEncoder(nn.Module):
         out_dim: int,
         hidden_dims: Sequence[int] = (512, 256),
         activation: Activation = nn.ReLU,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         check_activation(type(self).__name__, activation)
         hidden_dims = check_sizes(f"{type(self).__name__} hidden_dims", hidden_dims)
+        gated = check_gated(type(self).__name__, gated)
         self.net = nn.Sequential(
-            nn.Flatten(), mlp([prod(in_shape), *hidden_dims, out_dim], activation)
+            nn.Flatten(), mlp([prod(in_shape), *hidden_dims, out_dim], activation, gated)
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)

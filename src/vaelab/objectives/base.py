@@ -116,6 +116,13 @@ class KLSchedule:
     def constant(self) -> bool:
         return self.schedule == "linear" and self.warmup_steps == 0
 
+    def __repr__(self) -> str:
+        if self.constant:
+            return f"{self.beta}"
+        if self.schedule == "linear":
+            return f"linear(0 -> {self.beta} over {self.warmup_steps} steps)"
+        return f"cyclical({self.beta}, every {self.cycle_steps} steps, ramp {self.cycle_ratio})"
+
     def __call__(self, step: int | Tensor | None) -> float | Tensor:
         """beta at a training step; None (evaluation) gives the target beta. A 0-d tensor step
         (the compiled training step's, so that one graph serves every step) gives a tensor."""

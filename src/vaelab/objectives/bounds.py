@@ -109,7 +109,9 @@ class IWAE(Objective):
     loss = -L_k = -log (1/k) sum_i p(x, z_i) / q(z_i|x) with k reparameterised draws, so the
     gradient flows through every sample, weighted by its normalised importance weight. With k=1
     it is the single-sample ELBO with a Monte-Carlo KL. Also reports the ELBO (the model's rate,
-    beta=1, from the same draws' likelihoods) and `iwae` = L_k, per example.
+    beta=1, from the same draws' likelihoods) and `iwae` = L_k, per example. A KL warm-up
+    (`kl_warmup_steps`, or a cyclical schedule, as the ELBO's; target 1) trains on the weights
+    p(x|z) (p(z) / q(z|x))^beta while beta < 1; `iwae` stays L_k at beta = 1.
 
     `estimator=dreg` (doubly reparameterised, Tucker et al. 2018): the same bound, differentiated
     so that q(z|x)'s parameters get sum_i w_i^2 d log w_i / d z_i dz_i/dphi (w the normalised
@@ -120,7 +122,15 @@ class IWAE(Objective):
     codes that multiplies the gradient reaching z_i by w_i, so the decoder runs once.
     """
 
-    def __init__(self, k: int = 50, estimator: str = "standard") -> None:
+    def __init__(
+        self,
+        k: int = 50,
+        estimator: str = "standard",
+        kl_schedule: str = "linear",
+        kl_warmup_steps: int = 0,
+        kl_cycle_steps: int = 10000,
+        kl_cycle_ratio: float = 0.5,
+    ) -> None:
         require(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1,
             f"objective.k must be an integer >= 1, got {k}",
@@ -128,6 +138,9 @@ class IWAE(Objective):
         check_estimator(estimator)
         self.k = k
         self.estimator = estimator
+        self.schedule = KLSchedule(
+            1.0, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ratio
+        )
 
     def parts(
         self, model: LatentVariableModel, x: Tensor, target: Tensor, step: int | None
@@ -141,9 +154,14 @@ class IWAE(Objective):
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)  # (B,)
         distortion = -log_px.mean(0)
         rate = model.rate(q, prior, z, log_ratio)
-        loss = -bound.mean()
+        # KL warm-up: weights p(x|z) (p(z)/q(z|x))^beta while beta ramps to 1 (the bound of the
+        # annealed joint); L_k itself is reported at beta = 1
+        beta = self.schedule(step)
+        trained = log_w if self.schedule.constant else log_px - beta * log_ratio
+        loss = -(torch.logsumexp(trained, dim=0) - math.log(self.k)).mean()
         if self.estimator == "dreg":
-            path_log_w = log_px + prior.log_prob(z) - stopped(q).log_prob(z)  # same values
+            path_ratio = stopped(q).log_prob(z) - prior.log_prob(z)
+            path_log_w = log_px - beta * path_ratio  # the trained weights' values
             weights = torch.softmax(path_log_w.detach(), dim=0)  # (k, B), normalised over k
             scale_code_gradients(z, weights)  # w_i once more on the path into q's parameters
             surrogate = -(weights * path_log_w).sum(0).mean()
@@ -153,10 +171,11 @@ class IWAE(Objective):
             distortion,
             rate,
             iwae=bound.detach(),
+            beta=torch.as_tensor(beta, dtype=torch.float32),
         )
 
     def __repr__(self) -> str:
-        return f"IWAE(k={self.k}, estimator={self.estimator!r})"
+        return f"IWAE(k={self.k}, estimator={self.estimator!r}, schedule={self.schedule!r})"
 
 
 #: log w = log p(x, z) - log q(z|x) from (x, codes z, posterior q, prior p): the model's

@@ -13,7 +13,7 @@ from torch.distributions import Distribution
 from vaelab.errors import require, require_betas, require_int, require_number
 from vaelab.models import LatentVariableModel
 from vaelab.nets.encoders import check_sizes, mlp
-from vaelab.objectives.base import Objective, bound_parts
+from vaelab.objectives.base import KLSchedule, Objective, bound_parts
 
 
 def one_draw(
@@ -76,8 +76,14 @@ class BetaTCVAE(Objective, torch.nn.Module):
         gamma: float = 1.0,
         sampling: str = "mss",
         dataset_size: int | None = None,
+        kl_schedule: str = "linear",
+        kl_warmup_steps: int = 0,
+        kl_cycle_steps: int = 10000,
+        kl_cycle_ratio: float = 0.5,
     ) -> None:
+        """The KL schedule (as the ELBO's, target 1) ramps the three KL terms together."""
         super().__init__()
+        self.warmup = KLSchedule(1.0, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ratio)
         for name, value in (("beta", beta), ("alpha", alpha), ("gamma", gamma)):
             require_number(f"objective.{name}", value, 0)
         require(
@@ -139,7 +145,8 @@ class BetaTCVAE(Objective, torch.nn.Module):
         mi = terms["log_qzx"] - terms["log_qz"]
         tc = terms["log_qz"] - terms["log_prod_qzd"]
         dim_kl = terms["log_prod_qzd"] - terms["log_pz"]
-        loss = distortion + self.alpha * mi + self.beta * tc + self.gamma * dim_kl
+        ramp = self.warmup(step)
+        loss = distortion + ramp * (self.alpha * mi + self.beta * tc + self.gamma * dim_kl)
         return bound_parts(
             loss.mean(),
             distortion,
@@ -188,8 +195,14 @@ class FactorVAE(Objective, torch.nn.Module):
         lr: float = 1e-4,
         betas: tuple[float, float] | list[float] = (0.5, 0.9),
         latent_dim: int | None = None,
+        kl_schedule: str = "linear",
+        kl_warmup_steps: int = 0,
+        kl_cycle_steps: int = 10000,
+        kl_cycle_ratio: float = 0.5,
     ) -> None:
+        """The KL schedule (as the ELBO's, target 1) ramps the KL term, not gamma's TC."""
         super().__init__()
+        self.warmup = KLSchedule(1.0, kl_schedule, kl_warmup_steps, kl_cycle_steps, kl_cycle_ratio)
         require_number("objective.gamma", gamma, 0)
         require_number("objective.lr", lr, 0)
         hidden = check_sizes("objective.hidden_dims", hidden_dims)
@@ -234,7 +247,8 @@ class FactorVAE(Objective, torch.nn.Module):
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         d_loss = 0.5 * (bce(real, torch.ones_like(real)) + bce(shuffled, torch.zeros_like(real)))
         accuracy = 0.5 * ((real > 0).float().mean() + (shuffled < 0).float().mean())
-        loss = (distortion + rate + self.gamma * tc).mean() + d_loss
+        ramp = self.warmup(step)
+        loss = (distortion + ramp * rate + self.gamma * tc).mean() + d_loss
         return bound_parts(
             loss,
             distortion,
