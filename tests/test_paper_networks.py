@@ -77,6 +77,18 @@ def test_default_scheme_and_default_biases_leave_pytorchs_values():
     assert not torch.equal(layer.weight, before["weight"])
 
 
+def burda_chain(init: str) -> HierarchicalVAE:
+    """Burda et al.'s two-layer model (784-200-200-100-100-100-50, tanh) with `init`."""
+    return HierarchicalVAE(
+        (1, 28, 28),
+        Bernoulli(),
+        StandardNormal,
+        partial(MLPEncoder, hidden_dims=[200, 200], activation=nn.Tanh),
+        partial(MLPDecoder, hidden_dims=[200, 200], activation=nn.Tanh),
+        init=init,
+    )
+
+
 def test_the_model_initialises_every_layer_of_its_networks():
     """model.init reaches the gated layers' two maps and the chain's conditionals; the prior's
     parameters are not layers and keep theirs."""
@@ -95,14 +107,7 @@ def test_the_model_initialises_every_layer_of_its_networks():
     for layer in linears:
         assert layer.weight.var().item() == pytest.approx(2 / layer.in_features, rel=0.15)
         assert not layer.bias.any()
-    chain = HierarchicalVAE(
-        (1, 28, 28),
-        Bernoulli(),
-        StandardNormal,
-        partial(MLPEncoder, hidden_dims=[200, 200], activation=nn.Tanh),
-        partial(MLPDecoder, hidden_dims=[200, 200], activation=nn.Tanh),
-        init="glorot_uniform",
-    )
+    chain = burda_chain("glorot_uniform")
     for layer in (m for m in chain.modules() if isinstance(m, nn.Linear)):
         bound = math.sqrt(6 / (layer.in_features + layer.out_features))
         assert layer.weight.abs().max().item() <= bound
@@ -117,15 +122,7 @@ def test_glorot_init_gives_the_chains_first_layer_its_signal():
 
     def signal_to_noise(init: str) -> float:
         torch.manual_seed(0)
-        chain = HierarchicalVAE(
-            (1, 28, 28),
-            Bernoulli(),
-            StandardNormal,
-            partial(MLPEncoder, hidden_dims=[200, 200], activation=nn.Tanh),
-            partial(MLPDecoder, hidden_dims=[200, 200], activation=nn.Tanh),
-            init=init,
-        )
-        first = chain.posterior(x).first.base_dist
+        first = burda_chain(init).posterior(x).first.base_dist
         return (first.loc.std(0) / first.scale.mean(0)).mean().item()
 
     assert signal_to_noise("glorot_uniform") > 3 * signal_to_noise("default")

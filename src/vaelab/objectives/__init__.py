@@ -19,18 +19,23 @@ from vaelab.objectives.autoencoders import VQ, Autoencoder
 from vaelab.objectives.base import ESTIMATORS, KLSchedule, Objective
 from vaelab.objectives.bounds import ELBO, IWAE, LogWeightsFn, iwae_bound
 from vaelab.objectives.disentangling import BetaTCVAE, FactorVAE, permute_dims
+from vaelab.objectives.mmd import WAE, InfoVAE, MMDObjective, mmd_unbiased
 
 __all__ = [
     "ELBO",
     "ESTIMATORS",
     "IWAE",
     "VQ",
+    "WAE",
     "Autoencoder",
     "BetaTCVAE",
     "FactorVAE",
+    "InfoVAE",
     "KLSchedule",
     "LogWeightsFn",
+    "MMDObjective",
     "Objective",
     "iwae_bound",
+    "mmd_unbiased",
     "permute_dims",
 ]
