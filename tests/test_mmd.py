@@ -106,6 +106,8 @@ def test_each_loss_is_its_weighted_parts():
         torch.testing.assert_close(parts["loss"], expected)
     wae = parts_with_seed(WAE(lam=10.0), vae, x)
     torch.testing.assert_close(wae["loss"], wae["distortion"].mean() + 10.0 * wae["mmd"])
+    wae["loss"].backward()  # the kernels at the diagonal's zero distances: finite gradients
+    assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
     # InfoVAE with lam = 1 - alpha ... alpha = 0, lam = 1: exactly the ELBO on the same draw
     info = parts_with_seed(InfoVAE(alpha=0.0, lam=1.0), vae, x)
     elbo = parts_with_seed(ELBO(), vae, x)

@@ -39,12 +39,18 @@ def kernel_sum(d: Tensor, kernel: str, widths: Sequence[float]) -> Tensor:
     return total
 
 
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """|a_i - b_j|^2 (n, m) from norms and one matrix product, without the square root whose
+    gradient is undefined at the zero distances of the diagonal."""
+    return (a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2 * a @ b.T).clamp(min=0)
+
+
 def mmd_unbiased(z: Tensor, y: Tensor, kernel: str, widths: Sequence[float]) -> Tensor:
     """The unbiased estimate of MMD^2 between the samples z (n, D) and y (m, D), n, m >= 2."""
     n, m = len(z), len(y)
-    k_zz = kernel_sum(torch.cdist(z, z).pow(2), kernel, widths)
-    k_yy = kernel_sum(torch.cdist(y, y).pow(2), kernel, widths)
-    k_zy = kernel_sum(torch.cdist(z, y).pow(2), kernel, widths)
+    k_zz = kernel_sum(squared_distances(z, z), kernel, widths)
+    k_yy = kernel_sum(squared_distances(y, y), kernel, widths)
+    k_zy = kernel_sum(squared_distances(z, y), kernel, widths)
     within_z = (k_zz.sum() - k_zz.diagonal().sum()) / (n * (n - 1))
     within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return within_z + within_y - 2 * k_zy.mean()
