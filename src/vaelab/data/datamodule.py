@@ -52,11 +52,6 @@ BINARIZE_MODES = ("dynamic", "static", "none")
 NOISE_KINDS = ("none", "gaussian", "salt_and_pepper", "mask")
 
 
-def split_dtype(split: torch.utils.data.Dataset) -> torch.dtype:
-    """The stored pixels' dtype of a split (bool once binarised, else uint8)."""
-    return split.images.dtype if isinstance(split, InMemoryImages) else split[0][0].dtype
-
-
 class ImageDataModule(L.LightningDataModule):
     """Any image dataset: `source` reads it, this class serves it (see the module docstring)."""
 
@@ -189,8 +184,9 @@ class ImageDataModule(L.LightningDataModule):
         total = torch.zeros(self.image_shape, dtype=torch.float64)
         for chunk in chunks:
             total += chunk.to(torch.float64).sum(0)
+            stored = chunk.dtype  # bool once binarised, else uint8
         mean = total / len(split)  # bool -> 0/1, uint8 -> k
-        if split_dtype(split) == torch.bool:
+        if stored == torch.bool:
             return mean.float()
         if self.binarize == "none" and self.dequantize:
             return ((mean + 0.5) / 256).float()

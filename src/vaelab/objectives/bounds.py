@@ -157,8 +157,11 @@ class IWAE(Objective):
         # KL warm-up: weights p(x|z) (p(z)/q(z|x))^beta while beta ramps to 1 (the bound of the
         # annealed joint); L_k itself is reported at beta = 1
         beta = self.schedule(step)
-        trained = log_w if self.schedule.constant else log_px - beta * log_ratio
-        loss = -(torch.logsumexp(trained, dim=0) - math.log(self.k)).mean()
+        if self.schedule.constant:
+            loss = -bound.mean()
+        else:
+            tempered = log_px - beta * log_ratio
+            loss = -(torch.logsumexp(tempered, dim=0) - math.log(self.k)).mean()
         if self.estimator == "dreg":
             path_ratio = stopped(q).log_prob(z) - prior.log_prob(z)
             path_log_w = log_px - beta * path_ratio  # the trained weights' values
