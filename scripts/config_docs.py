@@ -26,7 +26,8 @@ INLINE_COMMENT = re.compile(r"\s+#\s?(.*)$")
 ROOTS = ("train", "evaluate")
 #: Groups in the order a user meets them; any other group follows alphabetically.
 ORDER = (
-    "data", "model", "likelihood", "prior", "objective", "optimizer", "scheduler", "averaging",
+    "data", "model", "likelihood", "prior", "posterior", "objective", "optimizer", "scheduler",
+    "averaging",
     "trainer", "logger", "callbacks", "experiment", "hparams_search", "paths", "hydra",
     "hydra/launcher",
 )  # fmt: skip

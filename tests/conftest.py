@@ -3,10 +3,17 @@ checks of torch.distributions switched on. Helpers live in tests/helpers/."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# pytest runs the tests in parallel workers (pytest-xdist, `-n auto` in pyproject.toml): one
+# thread each, for the worker and the train.py processes its tests start, so that two workers on
+# two cores do not fight over them (set OMP_NUM_THREADS yourself to choose otherwise)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from helpers.runs import write_fake_dataset
 
 

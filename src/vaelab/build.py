@@ -35,7 +35,7 @@ from vaelab.errors import (
 )
 from vaelab.models import LatentVariableModel
 from vaelab.module import VAEModule
-from vaelab.run.trust import OBJECTIVE_META
+from vaelab.run.trust import OBJECTIVE_META, parameters
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,23 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 
 
 def build_model(cfg: DictConfig, image_shape: Iterable[int]) -> LatentVariableModel:
-    """instantiate(cfg.model) with the data's image shape, the likelihood and the prior."""
+    """instantiate(cfg.model) with the data's image shape, the likelihood, the prior and, where
+    the posterior group puts a flow on the Gaussian posterior (posterior=iaf), that flow."""
+    extra = {}
+    if cfg.get("posterior"):  # posterior=gaussian is empty: the model's own Gaussian
+        flow = str(cfg.posterior.get("_target_", "")).rsplit(".", 1)[-1]
+        require(
+            "posterior" in parameters(str(cfg.model._target_)),
+            f"the posterior flow {flow} needs a model with one Gaussian code (model=mlp, conv, "
+            f"resnet), got {cfg.model._target_}; use posterior=gaussian",
+        )
+        extra["posterior"] = instantiate(cfg.posterior)
     return instantiate(
         cfg.model,
         image_shape=tuple(image_shape),
         likelihood=instantiate(cfg.likelihood),
         prior=instantiate(cfg.prior),
+        **extra,
     )
 
 

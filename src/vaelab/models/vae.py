@@ -26,6 +26,9 @@ EncoderFactory = Callable[..., nn.Module]
 DecoderFactory = Callable[..., nn.Module]
 #: (latent_dim=D, image_shape=(C, H, W)) -> prior module; called with the model, gives p(z)
 PriorFactory = Callable[..., nn.Module]
+#: (latent_dim=D) -> the posterior's flow (vaelab.models.flows): called with the base Gaussian
+#: and the encoder's `context_dim` further outputs, gives q(z|x)
+PosteriorFactory = Callable[..., nn.Module]
 
 
 #: Posterior log-variance bounds (`model.log_var_bounds`): exp(-12) ~ 6e-6 and exp(8) ~ 3e3 cover
@@ -83,7 +86,8 @@ class VAE(LatentVariableModel):
     glorot_normal, he_uniform, he_normal) and `init_bias` (`zero`, or `default`: PyTorch's) for
     the encoder's and decoder's layers; `log_var_bounds` and `log_var_clamp` for the posterior's
     log-variance; `output_bias` (`data_mean`: the decoder's output bias starts at the
-    likelihood's parameters for the training pixels' means, `LatentVariableModel.fit_to_data`)."""
+    likelihood's parameters for the training pixels' means, `LatentVariableModel.fit_to_data`);
+    `posterior`: a flow on the Gaussian posterior (vaelab.models.flows; None: none)."""
 
     #: the posterior's log-variance bounds and how they hold (instances set their own)
     log_var_bounds: tuple[float, float] = LOG_VAR_BOUNDS
@@ -102,6 +106,7 @@ class VAE(LatentVariableModel):
         log_var_bounds: Sequence[float] = LOG_VAR_BOUNDS,
         log_var_clamp: str = "soft",
         output_bias: str = "none",
+        posterior: PosteriorFactory | None = None,
     ) -> None:
         super().__init__()
         require_int("model.latent_dim", latent_dim, 1)
@@ -111,7 +116,10 @@ class VAE(LatentVariableModel):
         self.image_shape = (c, h, w)
         self.latent_parts = {"z": (latent_dim,)}
         self.likelihood = likelihood
-        self.encoder = encoder(in_shape=self.image_shape, out_dim=2 * latent_dim)
+        # posterior=iaf / planar: a flow on the Gaussian, fed by further encoder outputs
+        self.flow = posterior(latent_dim=latent_dim) if posterior is not None else None
+        context_dim = self.flow.context_dim if self.flow is not None else 0
+        self.encoder = encoder(in_shape=self.image_shape, out_dim=2 * latent_dim + context_dim)
         self.decoder = decoder(latent_dim=latent_dim, out_shape=(likelihood.out_channels(c), h, w))
         initialise(self.encoder, init, init_bias)
         initialise(self.decoder, init, init_bias)
@@ -124,8 +132,14 @@ class VAE(LatentVariableModel):
         return gaussian(params, self.log_var_bounds, self.log_var_clamp)
 
     def posterior(self, x: Tensor) -> Distribution:
-        """q(z|x): a diagonal Gaussian with event shape (latent_dim,), batch shape (B,)."""
-        return self.gaussian(self.encoder(x))
+        """q(z|x), event shape (latent_dim,), batch shape (B,): a diagonal Gaussian, or that
+        Gaussian through the model's flow (`posterior=iaf`, `planar`)."""
+        params = self.encoder(x)
+        if self.flow is None:
+            return self.gaussian(params)
+        (latent_dim,) = self.latent_parts["z"]
+        base = self.gaussian(params[..., : 2 * latent_dim])
+        return self.flow(base, params[..., 2 * latent_dim :])
 
     def prior(self) -> Distribution:
         """p(z), event shape (latent_dim,)."""

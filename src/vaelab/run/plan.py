@@ -29,7 +29,16 @@ from vaelab.run.trust import COMMAND_KEYS, SITE_KEYS, Site, localise
 #: Where the data are on this machine: a resume takes them from the command line.
 DATA_SITE = ("data.root", "data.download", "data.source.verify")
 #: What an evaluation builds from a saved run; the rest of it is never instantiated.
-BUILT_GROUPS = ("data", "model", "likelihood", "prior", "objective", "optimizer", "scheduler")
+BUILT_GROUPS = (
+    "data",
+    "model",
+    "likelihood",
+    "prior",
+    "posterior",
+    "objective",
+    "optimizer",
+    "scheduler",
+)
 REQUIRED_GROUPS = ("data", "model", "likelihood", "prior", "objective", "optimizer")
 
 
