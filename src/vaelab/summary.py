@@ -18,6 +18,7 @@ import lightning as L
 from vaelab import commands
 from vaelab.callbacks.checkpointing import LastCheckpoint
 from vaelab.callbacks.reporting import MetricsHistory
+from vaelab.loggers import viewers
 
 SUMMARY_FILE = "summary.json"
 NATS = (
@@ -104,6 +105,7 @@ def run_summary(
         "final_k": (cfg.get("final_evaluation") or {}).get("k"),
         "squared_error": objective.get("reconstruction") == "mse",
         "checkpoints": checkpoints,
+        "viewers": viewers(cfg.get("logger"), Path(str(cfg.paths.output_dir))),
     }
 
 
@@ -167,8 +169,14 @@ def format_run_summary(summary: dict[str, Any]) -> str:
     for kind in ("best", "last"):
         if kind in checkpoints:
             lines.append(f"Checkpoint ({kind}): {checkpoints[kind]}")
-    lines += [f"Run dir: {run_dir}", f"Next: tensorboard --logdir {commands.path(run_dir)}"]
+    lines.append(f"Run dir: {run_dir}")
+    following = list(summary.get("viewers", []))
     if summary.get("interrupted"):
-        lines.append(f"      python train.py {commands.override('resume', run_dir)}")
-    lines.append(f"      python evaluate.py {commands.override('run', run_dir)}")
-    return "\n".join(lines)
+        following.append(f"python train.py {commands.override('resume', run_dir)}")
+    following.append(f"python evaluate.py {commands.override('run', run_dir)}")
+    return "\n".join(lines + next_lines(following))
+
+
+def next_lines(commands_to_run: list[str]) -> list[str]:
+    """`Next: <first>` and the others aligned under it."""
+    return [("Next: " if i == 0 else "      ") + line for i, line in enumerate(commands_to_run)]

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig
 
 from vaelab import commands
 from vaelab.evaluation.sweep import FAILURES_FILE, read_failures, run_dirs
+from vaelab.loggers import DEFAULT_LOGGERS, logger_settings, viewers
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,11 @@ def slurm_job() -> dict[str, str]:
     return entry
 
 
-def format_sweep_summary(sweep_dir: Path) -> str:
+def format_sweep_summary(sweep_dir: Path, loggers: Mapping | None = DEFAULT_LOGGERS) -> str:
     """One line per run: its best monitored value (epoch) and last value, or why it has none;
-    the best run marked with *."""
-    from vaelab.summary import better, read_summary  # vaelab.summary imports the callbacks
+    the best run marked with *; then the commands that show the sweep in each of `loggers` (the
+    sweep's logger group, `logger_settings`)."""
+    from vaelab.summary import better, next_lines, read_summary  # it imports the callbacks
 
     failures = read_failures(sweep_dir)
     rows = []
@@ -121,19 +124,19 @@ def format_sweep_summary(sweep_dir: Path) -> str:
         lines.append(f" {mark} {name:<{width}}  {text}")
     if best_name:
         lines.append("   (* the best run on its monitored metric)")
-    lines += [
-        f"Next: tensorboard --logdir {commands.path(sweep_dir)}",
-        f"      python evaluate.py {commands.override('run', sweep_dir)}",
-    ]
-    return "\n".join(lines)
+    following = viewers(loggers, sweep_dir, sweep=True)
+    following.append(f"python evaluate.py {commands.override('run', sweep_dir)}")
+    return "\n".join(lines + next_lines(following))
 
 
 class SweepSummary(Callback):
     def __init__(self) -> None:
         self.sweep_dir: Path | None = None
+        self.loggers: Mapping | None = DEFAULT_LOGGERS
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.loggers = logger_settings(config.get("logger"))
         atexit.register(self.report)  # a failed run makes Hydra raise before on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -146,4 +149,4 @@ class SweepSummary(Callback):
         atexit.unregister(self.report)
         # printed, not logged: after the jobs, the root logger may still write to the last run's
         # train.log
-        print(format_sweep_summary(sweep_dir), flush=True)
+        print(format_sweep_summary(sweep_dir, self.loggers), flush=True)

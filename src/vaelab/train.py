@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import evaluate, quiet
@@ -187,6 +188,8 @@ def training_callbacks(config: DictConfig, module, datamodule) -> list[L.Callbac
     callbacks = step_callbacks(module.model, datamodule) + instantiate_group(
         config.get("callbacks")
     )
+    if not config.get("logger"):  # ~logger: nothing to monitor the learning rate into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if config.get("averaging"):  # after the others: they see the averaged weights at validation
         callbacks.append(instantiate(config.averaging))
     callbacks.append(NoFailingNvmlCheck())

@@ -1,4 +1,6 @@
-"""Disentanglement metrics and pictures in TensorBoard, for data with ground-truth factors."""
+"""Disentanglement metrics (to every logger) and pictures (traversals to every logger that takes
+images; the MI heat map and the traversal GIF to TensorBoard), for data with ground-truth
+factors."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from vaelab.callbacks.images import tensorboard_writer
 from vaelab.errors import require
 from vaelab.evaluation import disentanglement, pictures
+from vaelab.loggers import log_image_grids
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +59,14 @@ class DisentanglementLogger(L.Callback):
         if datamodule.factors is None:
             rank_zero_warn("DisentanglementLogger: the data have no ground-truth factors")
             return
-        writer = tensorboard_writer(trainer)
-        if writer is None:
-            return
         start = time.perf_counter()
         results, figures = disentanglement.report(
             pl_module.model, datamodule, pl_module.device, self.protocol, progress=log.info
         )
         step = trainer.global_step
         self.results = disentanglement.scalars(results)
-        for name, value in self.results.items():
-            writer.add_scalar(name, value, step)
+        for logger in trainer.loggers:  # every logger takes scalars
+            logger.log_metrics(self.results, step)
         log.info(
             "disentanglement (step %d, %d grid images, %.0f s): %s",
             step,
@@ -74,9 +74,13 @@ class DisentanglementLogger(L.Callback):
             time.perf_counter() - start,
             ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in self.results.items()),
         )
+        log_image_grids(trainer, {"images/traversals": figures["traversals_all"]}, step)
+        writer = tensorboard_writer(trainer, "the MI heat map and the traversal GIF are")
+        if writer is None:
+            plt.close(figures["factor_mi"])
+            return
         writer.add_figure("images/factor_mi", figures["factor_mi"], step)
         plt.close(figures["factor_mi"])
-        writer.add_image("images/traversals", figures["traversals_all"], step)
         frames = figures["traversal_frames"]
         _, height, width = frames[0].shape
         pictures.add_gif(

@@ -42,7 +42,7 @@ class HParamsLogger(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
+        writer = tensorboard_writer(trainer)  # TensorBoard's view (other loggers: their own)
         if writer is None or not pl_module.hparams:
             return
         flat = flatten(dict(pl_module.hparams))

@@ -1,4 +1,5 @@
-"""Image logging to TensorBoard: inputs vs reconstructions, and samples from the prior.
+"""Image logging (TensorBoard, MLflow, W&B: every logger that takes images): inputs vs
+reconstructions, and samples from the prior.
 
 Rank zero only. The same validation images and the same random numbers for the prior's draws are
 used every epoch, so the grids of successive epochs show the model improving rather than new
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from vaelab.errors import require
 from vaelab.evaluation.pictures import grid, pair_grid
+from vaelab.loggers import ImageTracker, log_image_grids
 
 
 class ImageLogger(L.Callback):
@@ -35,13 +37,16 @@ class ImageLogger(L.Callback):
         self.targets: Tensor | None = None
         self.labels: Tensor | None = None
         self.seed = 0
+        self.warned = False
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        writer = tensorboard_writer(trainer)
-        if writer is None:
+        if not any(isinstance(x, TensorBoardLogger | ImageTracker) for x in trainer.loggers):
+            if not self.warned:
+                rank_zero_warn("ImageLogger: no logger that takes images; images are not logged")
+                self.warned = True
             return
         model = pl_module.model
         if self.inputs is None:
@@ -62,18 +67,20 @@ class ImageLogger(L.Callback):
             n = self.n_samples if sample_labels is None else len(sample_labels)
             samples = given.decode(given.sample_codes(n)).mean
             reconstructions = model.given(self.labels).reconstruct(self.inputs)
-        step = trainer.global_step
-        writer.add_image(
-            "images/reconstructions", pair_grid(self.inputs, reconstructions, self.targets), step
-        )
         nrow = 8 if sample_labels is None else int((sample_labels == sample_labels[0]).sum())
-        writer.add_image("images/samples", grid(samples, nrow=nrow), step)
+        grids = {
+            "images/reconstructions": pair_grid(self.inputs, reconstructions, self.targets),
+            "images/samples": grid(samples, nrow=nrow),
+        }
+        log_image_grids(trainer, grids, trainer.global_step)
 
 
-def tensorboard_writer(trainer: L.Trainer):
-    """The SummaryWriter of the trainer's TensorBoard logger, or None (with a warning)."""
+def tensorboard_writer(trainer: L.Trainer, what: str | None = None):
+    """The SummaryWriter of the trainer's TensorBoard logger, or None (with a warning that
+    `what` is not logged, when given)."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
-    rank_zero_warn("ImageLogger: no TensorBoard logger configured; images are not logged")
+    if what:
+        rank_zero_warn(f"no TensorBoard logger configured; {what} not logged")
     return None

@@ -62,6 +62,7 @@ class Invocation:
             download=bool(data.get("download", False)),
             where=where,
             verify=bool((data.get("source") or {}).get("verify", True)),
+            mlflow_uri=self.config["paths"].get("mlflow_uri"),
         )
 
 

@@ -9,10 +9,11 @@ never says *where* anything is on this machine, and never *how much* is checked.
    `trusted_targets` adds); no Hydra key but `_target_` and `_partial_`; every key a known one
    (a top-level key of vaelab's configs, or a parameter the node's class names).
 2. `SITE_KEYS`, wherever they appear, are never taken from the file: places (`default_root_dir`,
-   `save_dir`, `dirpath`, `data_dir`, `root`) are derived from this run's dir and this command's
-   data root, switches (`download`, `verify`, `plugins`) come from this command or their safe
-   value, and names of files inside those places (`filename`, `name`, `version`, `sub_dir`) are
-   kept only as plain names. `COMMAND_KEYS` (paths, what to trust, what to check, what to
+   `save_dir`, `dirpath`, `run_dir`, `data_dir`, `root`, an MLflow `tracking_uri`) are derived
+   from this run's dir, this command's data root and its `paths.mlflow_uri`, switches
+   (`download`, `verify`, `plugins`) come from this command or their safe value, and names of
+   files inside those places (`filename`, `name`, `version`, `sub_dir`) are kept only as plain
+   names. `COMMAND_KEYS` (paths, what to trust, what to check, what to
    resume from) belong to the invocation and are dropped from a file.
 """
 
@@ -88,6 +89,8 @@ def plain_name(value: object) -> bool:
 DROP = object()
 SITE_KEYS = {
     "default_root_dir": lambda site, value: str(site.run_dir),
+    "run_dir": lambda site, value: str(site.run_dir),
+    "tracking_uri": lambda site, value: site.mlflow_uri or site.refuse(value),
     "save_dir": lambda site, value: str(site.run_dir),
     "dirpath": lambda site, value: str(site.run_dir / "checkpoints"),
     "data_dir": lambda site, value: str(site.data_dir),
@@ -114,8 +117,10 @@ class Site:
         download: bool = False,
         where: str = "a saved run",
         verify: bool = True,
+        mlflow_uri: str | None = None,
     ) -> None:
         self.run_dir, self.data_dir = Path(run_dir), Path(data_dir)
+        self.mlflow_uri = mlflow_uri
         self.data_root, self.download, self.verify = data_root, download, verify
         self.where = where
 
