@@ -56,7 +56,7 @@ def test_every_option_composes_and_instantiates(group, option, data_dir, tmp_pat
     if (group, option) in (("model", "vqvae"), ("objective", "vq")):  # they go together
         overrides = [o for o in overrides if not o.startswith("model.latent_dim")]
         overrides += ["model=vqvae", "objective=vq"]
-    if (group, option) == ("model", "hvae"):  # (no single latent_dim)
+    if (group, option) in (("model", "hvae"), ("model", "categorical")):  # (no latent_dim)
         overrides = [o for o in overrides if not o.startswith("model.latent_dim")]
     cfg = compose_train(overrides, output_dir=tmp_path)
     assert cfg.hydra.runtime.choices[group] == option
@@ -90,10 +90,12 @@ def test_unknown_key_is_refused(data_dir):
 )
 def test_model_likelihood_pairs_build_with_right_shapes(model, likelihood, shape):
     # one latent of 5 dimensions; the hierarchical model: z1 of 5 and z2 of 3 (a code of 8);
-    # the VQ-VAE: a grid of 16 codes over the image downsampled twice
+    # the VQ-VAE: a grid of 16 codes over the image downsampled twice; categorical: 5 one-hot
+    # variables of 10 classes
     sizes, code = {
         "hvae": ("model.latent_dims=[5,3]", (8,)),
         "vqvae": ("model.n_codes=16", (shape[1] // 4, shape[2] // 4)),
+        "categorical": ("model.n_variables=5", (5, 10)),
     }.get(model, ("model.latent_dim=5", (5,)))
     cfg = compose_train([f"model={model}", f"likelihood={likelihood}", sizes])
     vae = build_model(cfg, shape)

@@ -84,4 +84,18 @@ def step_callbacks(model: LatentVariableModel, datamodule: ImageDataModule) -> l
         callbacks.append(BitsPerDim(datamodule.num_dims, offset))
     if len(model.latent_parts) > 1:
         callbacks.append(LayerRates())
+    if model.scheduled:
+        callbacks.append(StepSchedule())
     return callbacks
+
+
+class StepSchedule(L.Callback):
+    """Before each training step, the model's step-dependent settings (`set_step`), logged as
+    `train/<name>` on the steps the logger writes."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        model = pl_module.model
+        model.set_step(trainer.global_step)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            for name, value in model.schedule_values().items():
+                pl_module.log(f"train/{name}", value, on_step=True, on_epoch=False)

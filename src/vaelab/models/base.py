@@ -167,6 +167,17 @@ class LatentVariableModel(ModelTerms, nn.Module):
     #: Bernoulli decoder's to the logits of the means), set by `fit_to_data`.
     output_bias: str = "none"
 
+    #: Some of its settings follow the training step (`set_step`; model=categorical's
+    #: temperature): a callback sets them before each training step and logs
+    #: `train/<name>` for each of `schedule_values()`.
+    scheduled: bool = False
+
+    def set_step(self, step: int) -> None:
+        """Settings at a training step (a model with `scheduled`)."""
+
+    def schedule_values(self) -> dict[str, Tensor]:
+        return {}
+
     def check_objective(self, objective) -> None:
         """Refuse, with one line, an objective this model cannot be trained with."""
 
