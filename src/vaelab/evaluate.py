@@ -24,6 +24,7 @@ from vaelab import quiet
 from vaelab.build import build_datamodule, build_module
 from vaelab.callbacks import RandomState, step_callbacks
 from vaelab.errors import CheckpointError, require
+from vaelab.evaluation.code_density import code_density
 from vaelab.evaluation.disentanglement import protocol_from
 from vaelab.evaluation.disentanglement import report as factor_report
 from vaelab.evaluation.disentanglement import scalars as disentanglement_scalars
@@ -170,11 +171,19 @@ def evaluate_run(
     if model.evaluation_note:
         report["note"] = model.evaluation_note  # what the figures mean for this model family
     factor_pictures = disentanglement_report(cfg, model, datamodule, device, report, metrics)
+    density = None
     if not probabilistic:
         report["nll_is"] = (
             f"undefined: {module.objective!r} is a deterministic autoencoder with no density "
             "over its codes, so log p(x) cannot be estimated"
         )
+        if model.flat_code_dim is not None:  # sampled through the codes' ex-post density
+            density, n_codes = code_density(model, datamodule, device, seed=cfg.seed)
+            report["samples"] = (
+                f"decoded z ~ a {density.mixture_distribution.probs.numel()}-component "
+                f"Gaussian mixture fitted on {n_codes} training codes (Ghosh et al. 2020's "
+                "ex-post density), not the prior"
+            )
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     subset = ""  # eval.limit: what the pass computed from a subset is kept apart in TensorBoard
     if report["examples_evaluated"] < len(loader.dataset):
@@ -193,6 +202,7 @@ def evaluate_run(
         tensorboard_metrics,
         subset,
         factor_pictures,
+        density,
     )
     print(format_table(report))
     print(f"metrics and pictures written to {out_dir}")

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torch.distributions import Distribution  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from vaelab.models import LatentVariableModel  # noqa: E402
@@ -58,19 +59,25 @@ def image_grids(
     seed: int = 0,
     targets: Tensor | None = None,
     labels: Tensor | None = None,
+    code_density: Distribution | None = None,
 ) -> dict[str, Tensor]:
     """Image grids (C, H, W) by name, from a few preprocessed inputs on the model's device
     (and their clean targets, shown below the reconstructions when the inputs are corrupted;
     their labels, which a conditional model reads). The prior's draws come from `seed`, without
-    touching the caller's random state; a conditional model's samples have one row per class."""
+    touching the caller's random state; a conditional model's samples have one row per class.
+    `code_density`: draw the samples (and place the traversals) from this density over the
+    codes instead of the model's prior (a deterministic autoencoder's ex-post mixture)."""
     inputs = inputs[:16]
     labels = labels[: len(inputs)].to(inputs.device) if labels is not None else None
     sample_labels = model.sample_labels(64)
     with torch.random.fork_rng(devices=[inputs.device] if inputs.device.type == "cuda" else []):
         torch.manual_seed(seed)
         given = model.given(sample_labels)
-        prior = given.prior()
-        codes = given.sample_codes(64 if sample_labels is None else len(sample_labels))
+        if code_density is None:
+            prior = given.prior()
+            codes = given.sample_codes(64 if sample_labels is None else len(sample_labels))
+        else:
+            prior, codes = code_density, code_density.sample((64,))
         samples = given.decode(codes).mean
         quantiles = None
         flat = model.flat_code_dim is not None

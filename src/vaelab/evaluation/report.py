@@ -36,6 +36,7 @@ def draw(
     tensorboard_metrics: dict[str, float],
     subset: str = "",
     factor_pictures: dict | None = None,
+    code_density=None,
 ) -> None:
     """PNG files in out_dir; the same pictures and `tensorboard_metrics` in the run's
     TensorBoard. `subset` ("_first{n}" for an `eval.limit` pass) goes into the tags of what was
@@ -50,6 +51,7 @@ def draw(
         seed=seed,
         targets=examples[:16].to(device),
         labels=results.cat("labels")[:16],
+        code_density=code_density,
     )
     for name, image in grids.items():
         torchvision.utils.save_image(image, out_dir / f"{name}.png")
@@ -99,6 +101,7 @@ def format_table(report: dict[str, Any]) -> str:
         if "nll_is" in report
         else f"importance sampling: k={report['k']} on {report['examples_importance_sampled']} "
         f"{report['split']} examples, {report['seconds']:.1f} s on {report['device']}",
+        *([f"samples: {report['samples']}"] if "samples" in report else []),
     ]
     lines += [f"  {name:<{width}}  {value:12.4f}" for name, value in sorted(metrics.items())]
     return "\n".join(lines)

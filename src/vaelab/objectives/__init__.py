@@ -15,7 +15,7 @@ the objective: ELBO (with KL schedules and free bits), IWAE, or the plain Autoen
 no ELBO and reports its distortion only).
 """
 
-from vaelab.objectives.autoencoders import VQ, Autoencoder
+from vaelab.objectives.autoencoders import RAE, VQ, Autoencoder
 from vaelab.objectives.base import ESTIMATORS, KLSchedule, Objective
 from vaelab.objectives.bounds import ELBO, IWAE, LogWeightsFn, iwae_bound
 from vaelab.objectives.disentangling import BetaTCVAE, FactorVAE, permute_dims
@@ -25,6 +25,7 @@ __all__ = [
     "ELBO",
     "ESTIMATORS",
     "IWAE",
+    "RAE",
     "VQ",
     "WAE",
     "Autoencoder",
