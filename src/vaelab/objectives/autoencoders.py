@@ -85,26 +85,18 @@ class RAE(Autoencoder):
         squared_error = (p.mean - target).pow(2).flatten(1).sum(-1)  # (B,)
         reconstruction = distortion if self.reconstruction == "likelihood" else squared_error
         code_penalty = 0.5 * z.pow(2).sum(-1)  # (B,)
-        decoder_penalty = torch.zeros_like(code_penalty)
+        parts = dict(distortion=distortion, squared_error=squared_error, code_penalty=code_penalty)
+        loss = reconstruction + self.embedding_weight * code_penalty
         if self.regulariser == "l2":
             squares = sum(w.pow(2).sum() for w in model.decoder.parameters())
-            decoder_penalty = decoder_penalty + squares
+            parts["decoder_penalty"] = squares.expand(len(z))
         elif self.regulariser == "gp" and torch.is_grad_enabled() and z.requires_grad:
             v = torch.randn_like(p.mean)
             (vjp,) = torch.autograd.grad(p.mean, z, v, create_graph=True)
-            decoder_penalty = vjp.pow(2).sum(-1)
-        loss = (
-            reconstruction
-            + self.embedding_weight * code_penalty
-            + self.reg_weight * decoder_penalty
-        )
-        return dict(
-            loss=loss.mean(),
-            distortion=distortion,
-            squared_error=squared_error,
-            code_penalty=code_penalty,
-            decoder_penalty=decoder_penalty,
-        )
+            parts["decoder_penalty"] = vjp.pow(2).sum(-1)
+        if "decoder_penalty" in parts:
+            loss = loss + self.reg_weight * parts["decoder_penalty"]
+        return dict(loss=loss.mean(), **parts)
 
     def __repr__(self) -> str:
         return (
