@@ -129,3 +129,14 @@ def test_rae_trains_evaluates_without_a_likelihood_and_resumes(data_dir, tmp_pat
 def test_bad_rae_settings_are_one_line(overrides, fragment, data_dir, tmp_path):
     message = train_error([*tiny(data_dir), "objective=rae", *overrides], tmp_path)
     assert fragment in message, message
+
+
+def test_the_summary_names_each_autoencoder_metrics_unit():
+    """(an autoencoder trained on the squared error still reports its distortion, -log p(x|z),
+    in nats; it was labelled a squared error)"""
+    from vaelab.summary import metric_unit
+
+    assert metric_unit("val/distortion", squared_error=True) == "nats per example"
+    assert metric_unit("val/loss", squared_error=True) == "squared error per example"
+    assert metric_unit("val/squared_error") == "squared error per example"
+    assert metric_unit("val/loss") == "nats per example"

@@ -45,8 +45,10 @@ def metric_unit(name: str, squared_error: bool = False) -> str:
         return "squared error per pixel"
     if base == "active_units":
         return "latent dims"
-    if base in ("loss", "distortion") and squared_error:
+    if (base == "loss" and squared_error) or base == "squared_error":
         return "squared error per example"
+    if base == "code_penalty":
+        return "|z|^2 / 2 per example"
     if base in NATS or base.startswith("rate_"):  # rate_z1, rate_z2: per stochastic layer
         return "nats per example"
     if base == "commitment":
