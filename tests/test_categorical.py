@@ -5,17 +5,15 @@ temperature schedule; and the family end to end."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from functools import partial
 
 import pytest
 import torch
 from helpers.models import binary_batch
-from helpers.runs import compose_evaluate, compose_train, tiny, train_error
+from helpers.runs import compose_train, evaluated, resumed, tiny, train_error
 from torch import nn
 
-from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.likelihoods import Bernoulli
 from vaelab.models import CategoricalVAE
@@ -139,19 +137,11 @@ def test_categorical_trains_evaluates_and_resumes(data_dir, tmp_path):
     )
     assert metrics["val/rate"] <= 4 * math.log(10) + 1e-4
     assert 0.5 <= metrics["train/temperature"] < 1.0
-    evaluate.run(
-        compose_evaluate(
-            [f"run={run_dir}", f"paths.data_dir={data_dir}", "eval.k=50"],
-            output_dir=tmp_path / "evaluation",
-        )
-    )
-    report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["metrics"]
+    report = evaluated(run_dir, data_dir, tmp_path / "evaluation")["metrics"]
     assert math.isfinite(report["test/nll_is"])
     assert report["test/nll_is"] <= -report["test/elbo"] + 1.0
     before = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    resume = [f"resume={run_dir}", "trainer.max_epochs=3", f"paths.data_dir={data_dir}"]
-    train_module.run(compose_train(resume, output_dir=run_dir))
-    after = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    after = resumed(run_dir, data_dir)
     assert after["epoch"] == 2
     temperature = after["state_dict"]["model.temperature"]
     assert temperature < before["state_dict"]["model.temperature"]  # the schedule went on

@@ -5,15 +5,13 @@ end."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from helpers.runs import compose_evaluate, compose_train, tiny, train_error
+from helpers.runs import compose_train, evaluated, resumed, tiny, train_error
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.models.base import stopped
 from vaelab.models.flows import IAF, FlowPosterior, PlanarFlow
@@ -203,19 +201,11 @@ def test_flow_posteriors_train_evaluate_and_resume(overrides, data_dir, tmp_path
     run_dir = tmp_path / "run"
     metrics = train_module.run(compose_train([*tiny(data_dir), *overrides], output_dir=run_dir))
     assert math.isfinite(metrics["train/loss"])
-    evaluate.run(
-        compose_evaluate(
-            [f"run={run_dir}", f"paths.data_dir={data_dir}", "eval.k=50"],
-            output_dir=tmp_path / "evaluation",
-        )
-    )
-    report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["metrics"]
+    report = evaluated(run_dir, data_dir, tmp_path / "evaluation")["metrics"]
     # L_50 >= the ELBO on the same images (both from the same posterior)
     assert math.isfinite(report["test/nll_is"])
     assert report["test/nll_is"] <= -report["test/elbo"] + 1.0
-    resume = [f"resume={run_dir}", "trainer.max_epochs=3", f"paths.data_dir={data_dir}"]
-    train_module.run(compose_train(resume, output_dir=run_dir))
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    last = resumed(run_dir, data_dir)
     assert last["epoch"] == 2
     flow = last["hyper_parameters"]["posterior"]["_target_"]
     assert flow == (

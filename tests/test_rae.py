@@ -5,15 +5,13 @@ the mixture)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from helpers.models import binary_batch, small_vae
-from helpers.runs import compose_evaluate, compose_train, tiny, train_error
+from helpers.runs import compose_train, evaluated, resumed, tiny, train_error
 
-from vaelab import evaluate
 from vaelab import train as train_module
 from vaelab.evaluation.code_density import fit_mixture
 from vaelab.objectives import RAE
@@ -100,20 +98,12 @@ def test_rae_trains_evaluates_without_a_likelihood_and_resumes(data_dir, tmp_pat
     assert "val/elbo" not in metrics and math.isfinite(metrics["val/loss"])
     assert "val/decoder_penalty" not in metrics  # measured while training only
     assert metrics["train/decoder_penalty"] > 0
-    evaluate.run(
-        compose_evaluate(
-            [f"run={run_dir}", f"paths.data_dir={data_dir}", "eval.k=10"],
-            output_dir=tmp_path / "evaluation",
-        )
-    )
-    report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    report = evaluated(run_dir, data_dir, tmp_path / "evaluation", k=10)
     assert report["nll_is"].startswith("undefined: RAE(")
     assert "test/nll_is" not in report["metrics"] and report["metrics"]["test/mse"] > 0
     assert "Gaussian mixture fitted on 256 training codes" in report["samples"]
     assert (tmp_path / "evaluation" / "samples.png").is_file()
-    resume = [f"resume={run_dir}", "trainer.max_epochs=3", f"paths.data_dir={data_dir}"]
-    train_module.run(compose_train(resume, output_dir=run_dir))
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    last = resumed(run_dir, data_dir)
     assert last["epoch"] == 2 and last["hyper_parameters"]["objective"]["regulariser"] == "gp"
 
 

@@ -4,6 +4,7 @@ the entry points run as a user runs them."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -154,3 +156,19 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def evaluated(run_dir: Path, data_dir: Path, out_dir: Path, k: int = 50) -> dict:
+    """evaluate.py on a run dir, in-process: its metrics.json."""
+    from vaelab import evaluate
+
+    overrides = [f"run={run_dir}", f"paths.data_dir={data_dir}", f"eval.k={k}"]
+    evaluate.run(compose_evaluate(overrides, output_dir=out_dir))
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def resumed(run_dir: Path, data_dir: Path, max_epochs: int = 3) -> dict:
+    """Resume a run dir in-process for `max_epochs` in all; its last checkpoint."""
+    resume = [f"resume={run_dir}", f"trainer.max_epochs={max_epochs}", f"paths.data_dir={data_dir}"]
+    train_module.run(compose_train(resume, output_dir=run_dir))
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
