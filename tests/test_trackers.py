@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import wandb_file
-from helpers.runs import compose_train, tiny
+from helpers.runs import compose_train, resumed, tiny
 
 from vaelab import train as train_module
+from vaelab.errors import CheckpointError
 from vaelab.loggers import RUN_DIR_TAG, logger_settings, viewers
+from vaelab.run.dirs import refuse_links
 from vaelab.sweeps import format_sweep_summary
 
 pytestmark = pytest.mark.slow
@@ -104,6 +106,16 @@ def test_wandb_offline_run_writes_history_config_and_images(data_dir, tmp_path):
     images = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert any("reconstructions" in p.name for p in images), images
     assert any("samples" in p.name for p in images), images
+    # a resume logs its epochs into a second offline run of the same name (W&B's offline runs
+    # cannot be appended to; `wandb sync` uploads both)
+    last = resumed(run_dir, data_dir)
+    wandb.finish()
+    assert last["epoch"] == 2
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    (later,) = runs[1].glob("run-*.wandb")
+    rows = [row for row in wandb_file.history(later) if "val/elbo" in row]
+    assert [json.loads(row["trainer/global_step"]) > 0 for row in rows] == [True]
 
 
 def test_many_loggers_take_the_same_run(data_dir, tmp_path):
@@ -139,3 +151,29 @@ def test_the_sweep_summary_names_each_loggers_viewer(tmp_path):
     assert f"      wandb sync {tmp_path}/*/wandb/offline-run-*\n" in text
     assert text.endswith(f"      python evaluate.py run={tmp_path}")
     assert viewers({}, tmp_path) == []
+
+
+@pytest.mark.parametrize("target", ["/tmp", "../..", "offline-run-missing", "."])
+def test_a_wandb_link_to_anywhere_else_is_refused(target, tmp_path):
+    """W&B's own links in `wandb/` (`latest-run`, `debug.log`: paths inside its run folders)
+    are the only links a run dir may hold; the same names pointing out of the folder, or at
+    nothing, are refused as any link is."""
+    run_dir = tmp_path / "run"
+    (run_dir / "wandb" / "offline-run-1" / "logs").mkdir(parents=True)
+    (run_dir / "wandb" / "offline-run-1" / "logs" / "debug.log").write_text("")
+    (run_dir / "wandb" / "latest-run").symlink_to("offline-run-1")
+    (run_dir / "wandb" / "debug.log").symlink_to("offline-run-1/logs/debug.log")
+    refuse_links(run_dir)  # W&B's own
+    (run_dir / "wandb" / "debug.log").unlink()
+    (run_dir / "wandb" / "debug.log").symlink_to("latest-run/logs/debug.log")  # via a link
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        refuse_links(run_dir)
+    (run_dir / "wandb" / "debug.log").unlink()
+    (run_dir / "wandb" / "latest-run").unlink()
+    (run_dir / "wandb" / "latest-run").symlink_to(target)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        refuse_links(run_dir)
+    (run_dir / "wandb" / "latest-run").unlink()
+    (run_dir / "latest-run").symlink_to("wandb")  # the name elsewhere in the run dir
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        refuse_links(run_dir)

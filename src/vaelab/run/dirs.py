@@ -32,14 +32,41 @@ LOCK = ".lock"
 RUN_FILES = ("checkpoints", "tensorboard", "csv", "summary.json", "evaluation")
 
 
+#: The folder of a run dir in which a tracker keeps links of its own: W&B's `wandb/` (its
+#: `latest-run`, `debug.log`, `debug-internal.log` name paths inside its run folders). The run
+#: folders in it are the tracker's, written once (each run makes a new one, with a random id) and
+#: never by vaelab: they are not searched (W&B links its core's log there from its own cache).
+TRACKER_LINK_DIRS = ("wandb",)
+
+
+def tracker_link(entry: Path, run_dir: Path) -> bool:
+    """`entry` is a link directly in a `TRACKER_LINK_DIRS` folder naming, by a relative path
+    without `..`, something that exists in that folder with no link on the way; any other link
+    (the same names pointing out, or at nothing) is still refused."""
+    folder = entry.parent
+    if folder.relative_to(run_dir).parts not in [(name,) for name in TRACKER_LINK_DIRS]:
+        return False
+    target = os.readlink(entry)
+    parts = Path(target).parts
+    if not parts or Path(target).is_absolute() or ".." in parts:
+        return False
+    lexical = os.path.normpath(os.path.join(os.path.realpath(folder), target))
+    return os.path.exists(lexical) and os.path.realpath(lexical) == lexical
+
+
 def refuse_links(run_dir: Path) -> None:
-    """A run dir holds no symbolic link and no file with another name elsewhere (a hard link):
-    writing into either would change a file outside it."""
+    """A run dir holds no symbolic link (but a tracker's own, `tracker_link`, and what is inside
+    the tracker's run folders) and no file with another name elsewhere (a hard link): writing
+    into either would change a file outside it."""
+    tracker_dirs = {run_dir / name for name in TRACKER_LINK_DIRS}
     for parent, dirs, files in os.walk(run_dir):
-        for name in dirs + files:
+        entries = dirs + files
+        if Path(parent) in tracker_dirs:
+            dirs[:] = []  # its run folders: checked as entries (no link), not searched
+        for name in entries:
             entry = Path(parent) / name
             info = entry.lstat()
-            if stat.S_ISLNK(info.st_mode):
+            if stat.S_ISLNK(info.st_mode) and not tracker_link(entry, run_dir):
                 raise CheckpointError(
                     f"{entry} is a symbolic link; refusing to use run dir {run_dir} (a run dir "
                     "holds its own files only)"
