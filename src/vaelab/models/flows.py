@@ -254,7 +254,7 @@ class IAF(PosteriorFlow):
         steps: int = 4,
         hidden_dim: int = 128,
         context_dim: int = 32,
-        forget_bias: float = 1.0,
+        forget_bias: float = 3.0,
     ) -> None:
         super().__init__(latent_dim, steps)
         require_int("posterior.hidden_dim", hidden_dim, 1)
