@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -149,7 +150,10 @@ def test_kill_9_and_a_full_disk_leave_loadable_checkpoints(filesystems, data_dir
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "No space left on device" in errors[0] and str(runs) in errors[0], errors[0]
-    assert "previous last.ckpt" in errors[0] and "is intact" in errors[0], errors[0]
+    # the first write after the resume fails: last.ckpt (kept whole), or, when the kill left
+    # last.ckpt at an epoch's end, that epoch's checkpoint (not written at all)
+    intact = "previous last.ckpt" in errors[0] and "is intact" in errors[0]
+    assert intact or re.search(r"no epoch_\d+\.ckpt was written", errors[0]), errors[0]
     assert (folder / "last.ckpt").read_bytes() == before
     assert not list(folder.glob(f".*{PARTIAL}"))
     checkpoints_all_load(folder)
