@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import wandb_file
-from helpers.runs import compose_train, resumed, tiny
+from helpers.runs import compose_train, resumed, tiny, train_error
 
 from vaelab import train as train_module
 from vaelab.errors import CheckpointError
@@ -177,3 +178,13 @@ def test_a_wandb_link_to_anywhere_else_is_refused(target, tmp_path):
     (run_dir / "latest-run").symlink_to("wandb")  # the name elsewhere in the run dir
     with pytest.raises(CheckpointError, match="is a symbolic link"):
         refuse_links(run_dir)
+
+
+@pytest.mark.parametrize("logger, module", [("mlflow", "mlflow"), ("wandb", "wandb")])
+def test_a_missing_tracker_library_is_one_line(logger, module, data_dir, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a)
+    )
+    message = train_error([*tiny(data_dir), f"logger={logger}"], tmp_path)
+    assert f"logger={logger} needs the {module} package" in message, message

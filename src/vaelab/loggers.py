@@ -16,6 +16,7 @@ and sweep summaries, the command that opens each logger's record of a run dir or
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from vaelab import commands
+from vaelab.errors import ConfigError
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 MLFLOW = "vaelab.loggers.MLflowLogger"
@@ -44,6 +46,15 @@ class ImageTracker:
 
     def log_image_grid(self, name: str, image: Tensor, step: int) -> None:
         raise NotImplementedError
+
+
+def require_library(module: str, logger: str) -> None:
+    """One line, not an ImportError's traceback, when a tracker's library is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"logger={logger} needs the {module} package, which is not installed: "
+            f'pip install -e ".[trackers]"'
+        )
 
 
 def hwc_uint8(image: Tensor):
@@ -64,6 +75,7 @@ class MLflowLogger(ImageTracker, MLFlowLogger):
         log_model: bool = False,
         prefix: str = "",
     ) -> None:
+        require_library("mlflow", "mlflow")
         run_dir_path = Path(run_dir).resolve()
         artifacts = None
         if tracking_uri.startswith(SQLITE):
@@ -146,6 +158,7 @@ class WandbLogger(ImageTracker, LightningWandbLogger):
         log_model: bool = False,
         prefix: str = "",
     ) -> None:
+        require_library("wandb", "wandb")
         run_dir_path = Path(run_dir)
         super().__init__(
             name=run_dir_path.resolve().name,
