@@ -177,20 +177,19 @@ class WandbLogger(ImageTracker, LightningWandbLogger):
         self.log_image(key=name, images=[hwc_uint8(image)], step=step)
 
 
-def log_image_grids(trainer: L.Trainer, grids: Mapping[str, Tensor], step: int) -> bool:
-    """Each grid (C, H, W) to every logger of the trainer that takes images; False if none
-    does."""
-    taken = False
-    for logger in trainer.loggers:
+def image_loggers(trainer: L.Trainer) -> list:
+    """The trainer's loggers that take images (TensorBoard's writer, `ImageTracker`s)."""
+    return [x for x in trainer.loggers if isinstance(x, TensorBoardLogger | ImageTracker)]
+
+
+def log_image_grids(trainer: L.Trainer, grids: Mapping[str, Tensor], step: int) -> None:
+    """Each grid (C, H, W) to every logger of the trainer that takes images."""
+    for logger in image_loggers(trainer):
         for name, image in grids.items():
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(name, image, step)
-            elif isinstance(logger, ImageTracker):
-                logger.log_image_grid(name, image, step)
             else:
-                break
-            taken = True
-    return taken
+                logger.log_image_grid(name, image, step)
 
 
 def viewers(logger_group: Mapping | None, place: Path, sweep: bool = False) -> list[str]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vaelab.errors import require
 from vaelab.evaluation.pictures import grid, pair_grid
-from vaelab.loggers import ImageTracker, log_image_grids
+from vaelab.loggers import image_loggers, log_image_grids
 
 
 class ImageLogger(L.Callback):
@@ -43,7 +43,7 @@ class ImageLogger(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        if not any(isinstance(x, TensorBoardLogger | ImageTracker) for x in trainer.loggers):
+        if not image_loggers(trainer):
             if not self.warned:
                 rank_zero_warn("ImageLogger: no logger that takes images; images are not logged")
                 self.warned = True

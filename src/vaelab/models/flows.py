@@ -34,7 +34,13 @@ from vaelab.models.base import stopped
 
 class FlowPosterior(Distribution):
     """The base Gaussian (batch (B,), event (D,)) through `flow` given per-example `context`
-    (B, E); `detach`: the flow's parameters cut from the graph (DReG's stopped posterior)."""
+    (B, E); `detach`: the flow's parameters cut from the graph (DReG's stopped posterior).
+
+    It keeps the last draw and its log q, computed in the pass that drew it (each step gives its
+    log-determinant with its output): the semantics of torch's `Transform(cache_size=1)`, for the
+    whole flow, on this object only. torch's own `TransformedDistribution` would recompute every
+    step's log-determinant from the cached inputs in `log_prob` (a second pass of each MADE per
+    training step)."""
 
     arg_constraints: dict = {}
     support = constraints.real_vector
@@ -91,7 +97,6 @@ class PosteriorFlow(nn.Module):
     def __init__(self, latent_dim: int, steps: int) -> None:
         super().__init__()
         require_int("posterior.steps", steps, 1)
-        self.latent_dim = latent_dim
         self.layers = nn.ModuleList()
 
     def forward(self, base: Distribution, context: Tensor) -> FlowPosterior:
