@@ -130,9 +130,45 @@ def test_compiled_log_weights_give_the_eager_numbers():
     torch.manual_seed(0)
     eager = iwae_bound(vae, x, 5000, max_codes=2000)
     compiled_fn = CompiledLogWeights(vae, torch.device("cpu"))
+    compiled_fn.tile_codes = 1000  # 500 samples per chunk: two groups of two examples
     torch.manual_seed(0)
     compiled = iwae_bound(vae, x, 5000, max_codes=2000, weights_fn=compiled_fn)
+    assert not compiled_fn.gaussian_log_weights.failed, "compilation fell back to eager"
+    for name in ("log_likelihood", "elbo"):
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=1e-6)
+
+
+def test_compiled_log_weights_group_the_examples_in_order():
+    """The CPU's grouping: consecutive examples, about tile_codes codes a group, every example
+    once, each piece what the model gives for those examples alone."""
+    vae = small_vae()
+    x = (torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    z = vae.posterior(x).sample((3,))  # (3, 7, D)
+    weights = CompiledLogWeights(vae, torch.device("cpu"))
+    weights.tile_codes = 6  # two examples (6 codes) a group: 2 + 2 + 2 + 1
+    pieces = weights.grouped_log_likelihood(x, z)
+    assert [tuple(piece.shape) for piece in pieces] == [(3, 2), (3, 2), (3, 2), (3, 1)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), vae.log_likelihood(x, z))
+    weights.tile_codes = 2  # fewer codes than samples: one example a group
+    assert len(weights.grouped_log_likelihood(x, z)) == 7
+    assert len(CompiledLogWeights(vae, torch.device("meta")).grouped_log_likelihood(x, z)) == 1
+
+
+@pytest.mark.slow
+def test_compiled_log_weights_with_a_mixture_prior_give_the_eager_numbers():
+    """A VampPrior (a mixture, not a diagonal Gaussian): the likelihood is compiled and the
+    densities added eagerly; the numbers are the eager computation's on the same draws."""
+    cfg = compose_train(["prior=vampprior", "prior.n_components=5"])
+    torch.manual_seed(0)
+    vae = build_model(cfg, (1, 28, 28)).eval()
+    x = (torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    torch.manual_seed(0)
+    eager = iwae_bound(vae, x, 300, max_codes=300)
+    compiled_fn = CompiledLogWeights(vae, torch.device("cpu"))
+    torch.manual_seed(0)
+    compiled = iwae_bound(vae, x, 300, max_codes=300, weights_fn=compiled_fn)
     assert not compiled_fn.log_likelihood.failed, "compilation fell back to eager"
+    assert compiled_fn.gaussian_log_weights.compiled is None  # the Gaussian graph never ran
     for name in ("log_likelihood", "elbo"):
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=1e-6)
 
@@ -145,7 +181,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(caplog):
     def broken(*args):
         raise RuntimeError("no C++ compiler found\ndetails that nobody needs")
 
-    weights_fn.log_likelihood.compiled = broken
+    weights_fn.gaussian_log_weights.compiled = broken
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="vaelab.compiled"):
         fallen_back = iwae_bound(vae, x, 50, max_codes=20, weights_fn=weights_fn)

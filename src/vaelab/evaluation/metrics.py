@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -73,22 +73,65 @@ def resolve_max_codes(
     return max(CPU_MAX_CODES, min(MAX_CODES_CEILING, codes))
 
 
+#: On a CPU, the compiled IS pass decodes each chunk's codes in groups of about this many (some
+#: of the chunk's examples with all their samples), each group scored before the next is decoded:
+#: a group's decoder output (3 MB for 784 pixels) is still in the CPU's caches when the likelihood
+#: reads it, where a whole chunk's (16 MB) goes to memory and back (benchmarks/nll_is.py).
+CPU_TILE_CODES = 1024
+
+
+def diagonal_gaussian(d: Distribution) -> bool:
+    """torch's own diagonal Gaussian, Independent(Normal), whose log-density the compiler traces
+    (a flow, a mixture or a subclass is left to run eagerly)."""
+    return type(d) is Independent and type(d.base_dist) is Normal
+
+
 class CompiledLogWeights:
-    """A model's `log_weights` with log p(x|z) (`model.log_likelihood`: the decoder and the
-    likelihood's log-density, the bulk of the work) through torch.compile (`eval.compile`,
-    vaelab.compiled): the decoder's matrix products stay library calls, and everything between
-    and after them becomes a few fused loops (benchmarks/nll_is.py has the figures). The prior's
-    and the posterior's log-densities of the codes are added eagerly, so any prior works."""
+    """A model's `log_weights` through torch.compile (`eval.compile`, vaelab.compiled): log p(x|z)
+    (`model.log_likelihood`: the decoder and the likelihood's log-density, the bulk of the work)
+    and, where both are diagonal Gaussians, log p(z) - log q(z|x); other priors and posteriors
+    (mixtures, flows) add their log-densities eagerly, so any prior works. The decoder's matrix
+    products stay library calls and everything between and after them becomes a few fused loops.
+    On a CPU the examples are decoded in groups of about CPU_TILE_CODES codes inside the one
+    compiled call (`grouped_log_likelihood`). benchmarks/nll_is.py has the figures."""
 
     def __init__(self, model: LatentVariableModel, device: torch.device) -> None:
+        self.model = model
+        self.tile_codes = CPU_TILE_CODES if device.type == "cpu" else None
         # (no cpp_wrapper: one call per chunk of thousands of codes leaves nothing to gain)
         options = cpu_options("cpp.use_decompose_tanh") if device.type == "cpu" else {}
         self.log_likelihood = Compiled(
-            model.log_likelihood, "eval.compile", options, "evaluating eagerly"
+            self.grouped_log_likelihood, "eval.compile", options, "evaluating eagerly"
+        )
+        self.gaussian_log_weights = Compiled(
+            self.grouped_log_weights, "eval.compile", options, "evaluating eagerly"
         )
 
+    def grouped_log_likelihood(self, x: Tensor, z: Tensor) -> list[Tensor]:
+        """log p(x|z) for codes z (n, B, ...), as (n, b) pieces over consecutive groups of the B
+        examples. A list: concatenating inside the compiled graph would let the compiler merge
+        every group's log-density into one loop after the last decoder call, which reads their
+        outputs back from memory. Each example is decoded on its own, so the grouping changes
+        the order of the work, not the numbers."""
+        if self.tile_codes is None:
+            return [self.model.log_likelihood(x, z)]
+        per_group = max(1, self.tile_codes // z.shape[0])
+        return [
+            self.model.log_likelihood(x_group, z_group)
+            for x_group, z_group in zip(x.split(per_group), z.split(per_group, dim=1), strict=True)
+        ]
+
+    def grouped_log_weights(
+        self, x: Tensor, z: Tensor, q: Distribution, p: Distribution
+    ) -> tuple[list[Tensor], Tensor]:
+        """`grouped_log_likelihood` and log p(z) - log q(z|x), (n, B), in one graph."""
+        return self.grouped_log_likelihood(x, z), p.log_prob(z) - q.log_prob(z)
+
     def __call__(self, x: Tensor, z: Tensor, q: Distribution, p: Distribution) -> Tensor:
-        return self.log_likelihood(x, z) + p.log_prob(z) - q.log_prob(z)
+        if diagonal_gaussian(q) and diagonal_gaussian(p):
+            log_px, log_ratio = self.gaussian_log_weights(x, z, q, p)
+            return torch.cat(log_px, dim=1) + log_ratio
+        return torch.cat(self.log_likelihood(x, z), dim=1) + p.log_prob(z) - q.log_prob(z)
 
 
 def check_compile_choice(compile: object) -> None:
