@@ -14,10 +14,13 @@ own draws, so its NLL differs by Monte-Carlo noise only).
 End to end (`--end-to-end --data-dir <data root>`): `evaluate.py` as a user runs it, on a run of
 the model trained for a few steps (here, in a temporary folder) and the first `--images` test
 images of real MNIST: the whole evaluation (building, the test pass, compiling, the IS pass,
-diagnostics, pictures), in this process (`run()`) and as the command in a fresh Python (imports
-and Hydra included), against the floor of its IS pass, measured right after in this process.
+diagnostics, pictures), in this process (`run()`) and `--repeats` times as the command in a fresh
+Python (imports and Hydra included), each against the floor of its IS pass measured in this
+process just before and just after it (the machine's speed drifts within minutes). It also
+times the same products in the groups the compiled pass decodes them in, a stricter floor.
 
-    python benchmarks/nll_is.py --end-to-end --data-dir <data root> --images 2000 --model burda
+    python benchmarks/nll_is.py --end-to-end --data-dir <data root> --images 2000 --model burda \\
+        --repeats 2
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vaelab.build import build_model
-from vaelab.evaluation.metrics import CompiledLogWeights
+from vaelab.evaluation.metrics import CPU_TILE_CODES, CompiledLogWeights
 from vaelab.objectives import iwae_bound
 
 CONFIGS = __file__.rsplit("/benchmarks/", 1)[0] + "/configs"
@@ -69,17 +72,25 @@ def decoder_layers(vae) -> list[tuple[int, int]]:
     ]
 
 
-def matmul_floor(vae, images: int, batch: int, k: int, max_codes: int):
+def matmul_floor(vae, images: int, batch: int, k: int, max_codes: int, grouped: bool = False):
     """The IS pass's floor: the decoder's float32 matrix products alone for images x k codes,
     in the chunks `iwae_bound` uses (chunk = max_codes // batch samples of `batch` images), on
-    preallocated inputs and outputs (no bias, activation, likelihood or log-sum-exp)."""
+    preallocated inputs and outputs (no bias, activation, likelihood or log-sum-exp).
+    `grouped`: each chunk's products in the groups of about CPU_TILE_CODES codes that the
+    compiled pass decodes on a CPU (smaller products whose outputs stay in the caches)."""
     layers = decoder_layers(vae)
     weights = [torch.randn(n_out, n_in) for n_in, n_out in layers]
     chunk = max(1, min(k, max_codes // batch))
     shapes = []
     for start in range(0, images, batch):
         b = min(batch, images - start)
-        shapes += [min(chunk, k - s) * b for s in range(0, k, chunk)]
+        for s in range(0, k, chunk):
+            samples = min(chunk, k - s)
+            if not grouped:
+                shapes.append(samples * b)
+                continue
+            per_group = max(1, CPU_TILE_CODES // samples)
+            shapes += [samples * min(per_group, b - g) for g in range(0, b, per_group)]
     buffers = {}
     for rows in set(shapes):
         buffers[rows] = [torch.randn(rows, n_in) for n_in, _ in layers] + [
@@ -150,30 +161,54 @@ def end_to_end(args) -> None:
             f"eval.max_codes={args.max_codes}",
             "eval.progress_bar=false",
         ]
+        vae = evaluate_model(run_dir, args.data_dir)
+        batch = 500  # data.eval_batch_size of the presets
+        floor = matmul_floor(vae, args.images, batch, args.k, args.max_codes)
+        grouped_floor = matmul_floor(vae, args.images, batch, args.k, args.max_codes, grouped=True)
         start = time.perf_counter()
         evaluate.run(composed("evaluate", settings, out))
         total = time.perf_counter() - start
-        report = json.loads((out / "metrics.json").read_text())
+        passed = json.loads((out / "metrics.json").read_text())["seconds"]
+        floors = timed(floor, 1)  # the floor right after run(), then after each command
         # the command itself: a fresh Python, imports (torch, Lightning) and Hydra included
         script = Path(__file__).resolve().parents[1] / "evaluate.py"
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, str(script), *settings, f"hydra.run.dir={Path(root) / 'cli'}"],
-            check=True,
-            capture_output=True,
-        )
-        command = time.perf_counter() - start
-        vae = evaluate_model(run_dir, args.data_dir)
-    batch = 500  # data.eval_batch_size of the presets
-    floor = statistics.median(
-        timed(matmul_floor(vae, args.images, batch, args.k, args.max_codes), 3)
-    )
-    passed = report["seconds"]
+        commands, command_passes = [], []
+        for repeat in range(args.repeats):
+            cli = Path(root) / f"cli{repeat}"
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, str(script), *settings, f"hydra.run.dir={cli}"],
+                check=True,
+                capture_output=True,
+            )
+            commands.append(time.perf_counter() - start)
+            command_passes.append(json.loads((cli / "metrics.json").read_text())["seconds"])
+            floors += timed(floor, 1)
+        grouped = timed(grouped_floor, 1)[0]
+        grouped_ratio = grouped / statistics.mean(timed(floor, 1) + floors[-1:])
+    # each command against the mean of the floors measured just before and just after it
+    ratios = [c / statistics.mean(floors[i : i + 2]) for i, c in enumerate(commands)]
+    pass_ratios = [c / statistics.mean(floors[i : i + 2]) for i, c in enumerate(command_passes)]
     print(
-        f"end to end: evaluate.py on {args.images} test images, k={args.k}: the command "
-        f"{command:.1f} s, its run() {total:.1f} s (the IS pass {passed:.1f} s); the IS pass's "
-        f"matrix-product floor {floor:.1f} s; command / floor: {command / floor:.2f}x, run() / "
-        f"floor: {total / floor:.2f}x, IS pass / floor: {passed / floor:.2f}x"
+        f"end to end: evaluate.py on {args.images} test images, k={args.k}, model={args.model}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"  run() in this process: {total:.1f} s (the IS pass {passed:.1f} s); the IS pass's "
+        f"matrix-product floor right after: {floors[0]:.1f} s; run() / floor "
+        f"{total / floors[0]:.2f}x, IS pass / floor {passed / floors[0]:.2f}x"
+    )
+    for i, (c, r, pr) in enumerate(zip(commands, ratios, pass_ratios, strict=True)):
+        print(
+            f"  the command #{i + 1}: {c:.1f} s (its IS pass {command_passes[i]:.1f} s) between "
+            f"floors of {floors[i]:.1f} and {floors[i + 1]:.1f} s: command / floor {r:.2f}x, "
+            f"its IS pass / floor {pr:.2f}x"
+        )
+    print(f"  command / floor, median of {len(ratios)}: {statistics.median(ratios):.2f}x")
+    print(
+        f"  the same products in the pass's groups of ~{CPU_TILE_CODES} codes take "
+        f"{grouped_ratio:.2f}x the floor's time (a stricter floor: the command's median against "
+        f"it is {statistics.median(ratios) / grouped_ratio:.2f}x)"
     )
 
 
