@@ -17,6 +17,7 @@ from helpers.models import (
 )
 from helpers.runs import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
+from torch.distributions import Independent, Normal
 
 from vaelab import evaluate
 from vaelab.build import build_model
@@ -29,6 +30,7 @@ from vaelab.evaluation.metrics import (
     weights_function,
 )
 from vaelab.objectives import ELBO, iwae_bound
+from vaelab.objectives.bounds import draw_codes
 
 
 def test_nll_is_converges_to_exact_log_likelihood():
@@ -152,6 +154,23 @@ def test_compiled_log_weights_group_the_examples_in_order():
     weights.tile_codes = 2  # fewer codes than samples: one example a group
     assert len(weights.grouped_log_likelihood(x, z)) == 7
     assert len(CompiledLogWeights(vae, torch.device("meta")).grouped_log_likelihood(x, z)) == 1
+
+
+def test_codes_of_a_diagonal_gaussian_are_drawn_as_sample_draws_them():
+    """draw_codes: a diagonal Gaussian through rsample gives sample's very numbers (the IS pass's
+    draws did not change); anything else (here a subclass) is asked for sample."""
+    loc, scale = torch.randn(4, 3), torch.rand(4, 3) + 0.1
+    q = Independent(Normal(loc, scale), 1)
+    torch.manual_seed(5)
+    expected = q.sample((7,))
+    torch.manual_seed(5)
+    assert torch.equal(draw_codes(q, 7), expected)
+
+    class Marked(Independent):
+        def sample(self, sample_shape=(1,)):
+            return torch.full((*sample_shape, 4, 3), 2.0)
+
+    assert torch.equal(draw_codes(Marked(Normal(loc, scale), 1), 2), torch.full((2, 4, 3), 2.0))
 
 
 @pytest.mark.slow

@@ -100,6 +100,7 @@ def test_wandb_offline_run_writes_history_config_and_images(data_dir, tmp_path):
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     assert summary["viewers"] == [f"wandb sync {run_dir}/wandb/offline-run-*"]
     (records,) = offline.glob("run-*.wandb")
+    wandb_file.finished(records)
     elbo = [json.loads(row["val/elbo"]) for row in wandb_file.history(records) if "val/elbo" in row]
     assert len(elbo) == 2 and all(value < 0 for value in elbo)  # one per epoch
     config = wandb_file.config(records)
@@ -115,7 +116,7 @@ def test_wandb_offline_run_writes_history_config_and_images(data_dir, tmp_path):
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
     (later,) = runs[1].glob("run-*.wandb")
-    rows = [row for row in wandb_file.history(later) if "val/elbo" in row]
+    rows = [row for row in wandb_file.history(wandb_file.finished(later)) if "val/elbo" in row]
     assert [json.loads(row["trainer/global_step"]) > 0 for row in rows] == [True]
 
 

@@ -66,3 +66,19 @@ def config(path: Path) -> dict[str, str]:
         if record.WhichOneof("record_type") == "config":
             values.update({item.key: item.value_json for item in record.config.update})
     return values
+
+
+def finished(path: Path, timeout: float = 60.0) -> Path:
+    """`path` once its run's exit record (W&B writes it last) is in it. The file is written by
+    W&B's service process, not the one that called `wandb.finish()`; a reader that does not wait
+    for the exit record can see a file cut short."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        kinds = [record.WhichOneof("record_type") for record in records(path)]
+        if "exit" in kinds:
+            return path
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record after {timeout:.0f} s; records: {kinds}")
+        time.sleep(0.2)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -30,6 +30,7 @@ from vaelab.data import ImageDataModule
 from vaelab.errors import require
 from vaelab.models import LatentVariableModel
 from vaelab.objectives import LogWeightsFn, iwae_bound
+from vaelab.objectives.bounds import diagonal_gaussian
 
 log = logging.getLogger(__name__)
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -78,12 +79,6 @@ def resolve_max_codes(
 #: a group's decoder output (3 MB for 784 pixels) is still in the CPU's caches when the likelihood
 #: reads it, where a whole chunk's (16 MB) goes to memory and back (benchmarks/nll_is.py).
 CPU_TILE_CODES = 1024
-
-
-def diagonal_gaussian(d: Distribution) -> bool:
-    """torch's own diagonal Gaussian, Independent(Normal), whose log-density the compiler traces
-    (a flow, a mixture or a subclass is left to run eagerly)."""
-    return type(d) is Independent and type(d.base_dist) is Normal
 
 
 class CompiledLogWeights:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 
 from vaelab.errors import require, require_number
 from vaelab.models import LatentVariableModel
@@ -181,6 +181,19 @@ class IWAE(Objective):
         return f"IWAE(k={self.k}, estimator={self.estimator!r}, schedule={self.schedule!r})"
 
 
+def diagonal_gaussian(d: Distribution) -> bool:
+    """torch's own diagonal Gaussian, Independent(Normal) (not a subclass, a flow or a mixture)."""
+    return type(d) is Independent and type(d.base_dist) is Normal
+
+
+def draw_codes(q: Distribution, n: int) -> Tensor:
+    """n draws from q, (n, *batch, *event). A diagonal Gaussian draws through `rsample`: the same
+    numbers as `sample` (standard normals, times the scale, plus the mean), without the check
+    that torch.normal makes at every call that no scale is negative (a reduction over all the
+    draws: ~1.5% of the k=5000 pass on a CPU)."""
+    return q.rsample((n,)) if diagonal_gaussian(q) else q.sample((n,))
+
+
 #: log w = log p(x, z) - log q(z|x) from (x, codes z, posterior q, prior p): the model's
 #: `log_weights`, or a compiled version of it (vaelab.evaluation.metrics.CompiledLogWeights).
 LogWeightsFn = Callable[[Tensor, Tensor, Distribution, Distribution], Tensor]
@@ -221,7 +234,7 @@ def iwae_bound(
     log_sum = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
     weight_sum = torch.zeros(len(x), device=x.device, dtype=x.dtype)
     for start in range(0, k, chunk):
-        z = q.sample((min(chunk, k - start),))  # (n, B, ...)
+        z = draw_codes(q, min(chunk, k - start))  # (n, B, ...)
         log_w = weights_fn(x, z, q, p)  # (n, B)
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
         weight_sum += log_w.sum(0)
