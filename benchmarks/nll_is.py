@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vaelab.build import build_model
-from vaelab.evaluation.metrics import CPU_TILE_CODES, CompiledLogWeights
+from vaelab.evaluation.metrics import CPU_TILE_CODES, CompiledLogWeights, examples_per_group
 from vaelab.models.vae import bound_log_var
 from vaelab.objectives import iwae_bound
 
@@ -91,7 +91,7 @@ def matmul_floor(vae, images: int, batch: int, k: int, max_codes: int, grouped: 
             if not grouped:
                 shapes.append(samples * b)
                 continue
-            per_group = max(1, CPU_TILE_CODES // samples)
+            per_group = examples_per_group(samples)
             shapes += [samples * min(per_group, b - g) for g in range(0, b, per_group)]
     buffers = {}
     for rows in set(shapes):

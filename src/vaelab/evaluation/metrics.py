@@ -81,6 +81,11 @@ def resolve_max_codes(
 CPU_TILE_CODES = 1024
 
 
+def examples_per_group(samples: int, tile_codes: int = CPU_TILE_CODES) -> int:
+    """How many examples (each with `samples` codes) make a group of about `tile_codes` codes."""
+    return max(1, tile_codes // samples)
+
+
 class CompiledLogWeights:
     """A model's `log_weights` through torch.compile (`eval.compile`, vaelab.compiled): log p(x|z)
     (`model.log_likelihood`: the decoder and the likelihood's log-density, the bulk of the work)
@@ -110,7 +115,7 @@ class CompiledLogWeights:
         the order of the work, not the numbers."""
         if self.tile_codes is None:
             return [self.model.log_likelihood(x, z)]
-        per_group = max(1, self.tile_codes // z.shape[0])
+        per_group = examples_per_group(z.shape[0], self.tile_codes)
         return [
             self.model.log_likelihood(x_group, z_group)
             for x_group, z_group in zip(x.split(per_group), z.split(per_group, dim=1), strict=True)

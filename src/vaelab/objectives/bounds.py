@@ -190,7 +190,7 @@ def draw_codes(q: Distribution, n: int) -> Tensor:
     """n draws from q, (n, *batch, *event). A diagonal Gaussian draws through `rsample`: the same
     numbers as `sample` (standard normals, times the scale, plus the mean), without the check
     that torch.normal makes at every call that no scale is negative (a reduction over all the
-    draws: ~1.5% of the k=5000 pass on a CPU)."""
+    draws; benchmarks/README.md has what it costs)."""
     return q.rsample((n,)) if diagonal_gaussian(q) else q.sample((n,))
 
 
